@@ -1,0 +1,46 @@
+# Recur: the two commands of the quick start are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+RECIPE ?= ptb-lstm
+
+.PHONY: install test lint demo bench bench-train clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,serve,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/pytest
+
+# The main job end to end on the generated corpus: data, four models, evaluation, samples.
+demo: install
+	mkdir -p runs
+	$(BIN)/recur data synth --out data/synth
+	@for task in lm pos ner cls; do \
+	  echo "== training demo-$$task (log: runs/demo-$$task.log)"; \
+	  $(BIN)/recur train --config demo-$$task --out runs/demo-$$task > runs/demo-$$task.log 2>&1 \
+	    || { tail -20 runs/demo-$$task.log; exit 1; }; \
+	  $(BIN)/recur evaluate runs/demo-$$task --split test || exit 1; \
+	done
+	$(BIN)/recur evaluate runs/demo-lm --split test --probes data/synth/lm/probes.tsv
+	$(BIN)/python -m training.data.synth data/synth/lm/test
+	$(BIN)/recur generate runs/demo-lm --prompt "the old dogs that" --temperature 0.8 --seed 1 \
+	  -n 3 --max-tokens 20
+
+bench: bench-train
+
+# One recipe per run (long: needs an otherwise idle machine); results merged into bench/results.json.
+bench-train: install
+	$(BIN)/python -m training.bench --recipe $(RECIPE)
+
+clean:
+	rm -rf $(VENV) runs data

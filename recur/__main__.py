@@ -1,0 +1,5 @@
+import sys
+
+from recur.cli import main
+
+sys.exit(main())

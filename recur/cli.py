@@ -1,0 +1,38 @@
+"""The `recur` command: dispatches to a subcommand, importing only what that one needs,
+so serving commands run where torch is not installed."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, summary)
+COMMANDS = {
+    "train": ("training.cli", "train_command", "train a model from a TOML config"),
+    "evaluate": ("training.cli", "evaluate_command", "print a run's metrics as JSON"),
+    "generate": ("training.cli", "generate_command", "sample text from a language model"),
+    "data": ("training.cli", "data_command", "write the generated corpus (recur data synth)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: recur COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    lines += ["", "recur COMMAND --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"recur: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module), function)(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serving.sampler import SamplingParams, make_rng, sample_next
+
+LOGPROBS = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+
+
+def test_temperature_zero_is_greedy():
+    rng = make_rng(0)
+    assert all(sample_next(LOGPROBS, SamplingParams(0.0), rng) == 0 for _ in range(20))
+
+
+def test_same_seed_same_tokens_and_sample_index_changes_them():
+    params = SamplingParams(1.0)
+    draws = lambda seed, index: [sample_next(LOGPROBS, params, r)  # noqa: E731
+                                 for r in [make_rng(seed, index)] for _ in range(50)]
+    assert draws(7, 0) == draws(7, 0)
+    assert draws(7, 0) != draws(7, 1)
+
+
+def test_frequencies_follow_the_distribution():
+    rng = make_rng(123)
+    draws = np.array([sample_next(LOGPROBS, SamplingParams(1.0), rng) for _ in range(20000)])
+    frequencies = np.bincount(draws, minlength=4) / len(draws)
+    assert np.allclose(frequencies, np.exp(LOGPROBS), atol=0.015)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    rng = make_rng(5)
+    top2 = {sample_next(LOGPROBS, SamplingParams(1.0, top_k=2), rng) for _ in range(500)}
+    assert top2 == {0, 1}
+    nucleus = {sample_next(LOGPROBS, SamplingParams(1.0, top_p=0.7), rng) for _ in range(500)}
+    assert nucleus == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+
+
+@pytest.mark.parametrize("kwargs,field", [({"temperature": -1.0}, "temperature"),
+                                          ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                          ({"top_k": -2}, "top_k")])
+def test_bad_parameters_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.floats(-30, 0), min_size=1, max_size=40), st.integers(0, 10),
+       st.floats(0.01, 1.0), st.floats(0.05, 3.0), st.integers(0, 2**32))
+def test_sample_is_always_a_valid_kept_token(raw, top_k, top_p, temperature, seed):
+    logprobs = np.array(raw)
+    token = sample_next(logprobs, SamplingParams(temperature, top_k, top_p), make_rng(seed))
+    assert 0 <= token < len(raw)
+    if top_k:
+        # never outside the k most likely (ties broken by position, as the sampler does)
+        assert token in np.argsort(-logprobs, kind="stable")[:top_k]

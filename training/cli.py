@@ -1,0 +1,104 @@
+"""`recur train | evaluate | generate | data`: the training side's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def train_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recur train", description="Train a model.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a TOML file, or a recipe name from training/configs/")
+    source.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable), e.g. optimizer.lr=0.5")
+    parser.add_argument("--out", help="run directory (default: runs/<config name>)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="one epoch of a few batches, then evaluate: for CI")
+    args = parser.parse_args(argv)
+    from training.config import ConfigError, load_config
+
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            config = load_config(run_dir / "config.toml", args.set)
+        else:
+            run_dir = Path(args.out or f"runs/{Path(args.config).stem}")
+            config = load_config(args.config, args.set)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"recur train: configuration error: {error}", file=sys.stderr)
+        return 2
+    from training.train import train
+
+    summary = train(config, run_dir, resume=bool(args.resume), dry_run=args.dry_run)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def evaluate_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recur evaluate",
+                                     description="Print a run's metrics on a split as JSON.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    parser.add_argument("--probes", help="a TSV of (grammatical, ungrammatical) sentence pairs")
+    parser.add_argument("--device", help="override train.device, e.g. cpu")
+    args = parser.parse_args(argv)
+    from training.evaluate import load_run, probe_accuracy
+    from training.train import device_of
+
+    config, task, model = load_run(args.run_dir, args.device)
+    result = {"split": args.split, **task.evaluate(model, args.split, device_of(config))}
+    if args.probes:
+        result["probe_accuracy"] = probe_accuracy(model, task.vocab, args.probes)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def generate_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recur generate",
+                                     description="Sample text from a trained language model.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-n", "--samples", type=int, default=1)
+    args = parser.parse_args(argv)
+    from serving.sampler import SamplingParams
+    from training.evaluate import load_run
+    from training.generate import generate
+
+    try:
+        params = SamplingParams(args.temperature, args.top_k, args.top_p)
+    except ValueError as error:
+        parser.error(str(error))
+    config, task, model = load_run(args.run_dir)
+    if config.data.task != "lm" or config.model.type == "kn":
+        parser.error(f"{args.run_dir} is not a neural language model")
+    for index in range(args.samples):
+        ids = generate(model, task.vocab, args.prompt, args.max_tokens, params, args.seed, index)
+        text = task.vocab.decode([i for i in ids if i != task.vocab.eos_id])
+        print((args.prompt + " " if args.prompt and config.data.level == "word" else args.prompt)
+              + text)
+    return 0
+
+
+def data_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recur data", description="Data utilities.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    synth = sub.add_parser("synth", help="write the generated corpus (LM, POS, NER, labelled)")
+    synth.add_argument("--out", default="data/synth")
+    synth.add_argument("--seed", type=int, default=1234)
+    synth.add_argument("--scale", type=float, default=1.0, help="multiplies every file's size")
+    args = parser.parse_args(argv)
+    from training.data.synth import write_corpus
+
+    counts = write_corpus(args.out, args.seed, args.scale)
+    for name, n in counts.items():
+        print(f"{Path(args.out) / name}: {n} sentences")
+    return 0

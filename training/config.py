@@ -1,0 +1,222 @@
+"""Training configuration: TOML files under training/configs/, overridable with --set.
+
+Every key is declared below with its default; an unknown key or an inconsistent
+combination is refused before any data is read, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from training.models.encoders import POOLINGS
+from training.models.recurrence import CELLS
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TASKS = ("lm", "tag", "classify")
+FORMATS = ("lines", "chars", "conllu", "columns", "labelled")
+MODEL_TYPES = ("rnn", "ffnn", "kn")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    task: str = "lm"
+    format: str = "lines"
+    train: str = ""
+    valid: str = ""
+    test: str = ""
+    level: str = "word"  # tokenizer: "word" or "char"
+    lowercase: bool = False
+    number_token: str = ""  # "" keeps numbers as they are
+    min_count: int = 1
+    max_size: int = 0  # 0: no limit
+    token_column: int = 0
+    tag_column: int = -1  # columns: index of the tag; conllu: 3 = UPOS, 4 = XPOS
+    encoding: str = "utf-8"
+
+
+@dataclass
+class ModelConfig:
+    type: str = "rnn"  # rnn, ffnn (feedforward window LM), kn (Kneser-Ney n-gram)
+    cell: str = "lstm"
+    embedding_size: int = 64
+    hidden_size: int = 64
+    layers: int = 1
+    dropout: float = 0.0  # between stacked layers
+    dropout_input: float = 0.0  # on the embeddings
+    dropout_output: float = 0.0  # on the last layer's outputs
+    variational: bool = False  # locked dropout: one mask per sequence
+    tie_weights: bool = False
+    learn_h0: bool = False
+    bidirectional: bool = False
+    pooling: str = "final"
+    window: int = 5  # ffnn context size
+    order: int = 5  # kn n-gram order
+    discount: float = 0.75  # kn absolute discount
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1111
+    threads: int = 2
+    device: str = "cpu"
+    epochs: int = 10
+    max_minutes: float = 0.0  # 0: no time limit
+    max_steps: int = 0  # 0: no step limit (a stopped run resumes with --resume)
+    batch_size: int = 20
+    eval_batch_size: int = 10
+    bptt: int = 35
+    variable_bptt: bool = False
+    clip: float = 0.25  # gradient-norm threshold, 0 disables
+    log_every: int = 100  # steps between metric lines
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints, 0: end of epoch only
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 20.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    plateau_factor: float = 0.25  # lr multiplied by this when validation does not improve
+    plateau_patience: int = 0  # epochs without improvement tolerated before that
+    min_lr: float = 0.0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _apply(config: Config, section: str, key: str, value: Any) -> None:
+    target = getattr(config, section, None)
+    if target is None or section not in {f.name for f in fields(Config)}:
+        raise ConfigError(f"unknown section '{section}' (known: data, model, train, optimizer)")
+    declared = {f.name: f for f in fields(target)}
+    if key not in declared:
+        raise ConfigError(f"unknown key '{section}.{key}'")
+    expected = type(getattr(target, key))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not expected:
+        raise ConfigError(f"'{section}.{key}' must be {expected.__name__}, got {value!r}")
+    setattr(target, key, value)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`optimizer.lr=0.5` -> ("optimizer", "lr", 0.5); values are TOML, bare words strings."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path, or the name of a recipe in training/configs/ (`ptb-lstm`)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    recipe = CONFIG_DIR / f"{name}.toml"
+    if recipe.exists():
+        return recipe
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    raise ConfigError(f"no config file {name!r} (recipes: {known})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    config = Config()
+    if path is not None:
+        resolved = resolve_config_path(path)
+        try:
+            data = tomllib.loads(resolved.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{resolved}: {error}") from error
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{resolved}: '{section}' must be a [section]")
+            for key, value in values.items():
+                _apply(config, section, key, value)
+    for text in overrides or []:
+        _apply(config, *parse_override(text))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    d, m, t, o = config.data, config.model, config.train, config.optimizer
+    checks = [
+        (d.task in TASKS, "data.task", f"must be one of {', '.join(TASKS)}"),
+        (d.format in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}"),
+        (d.level in ("word", "char"), "data.level", "must be 'word' or 'char'"),
+        (bool(d.train), "data.train", "is required"),
+        (m.type in MODEL_TYPES, "model.type", f"must be one of {', '.join(MODEL_TYPES)}"),
+        (m.cell in CELLS, "model.cell", f"must be one of {', '.join(CELLS)}"),
+        (m.pooling in POOLINGS, "model.pooling", f"must be one of {', '.join(POOLINGS)}"),
+        (m.type == "rnn" or d.task == "lm", "model.type",
+         f"'{m.type}' is a language model; data.task is '{d.task}'"),
+        (not (d.task == "lm" and m.bidirectional), "model.bidirectional",
+         "a language model predicts the next token and cannot read the future: "
+         "set it to false for data.task = 'lm'"),
+        (not m.tie_weights or m.embedding_size == m.hidden_size, "model.tie_weights",
+         f"needs model.embedding_size == model.hidden_size "
+         f"(got {m.embedding_size} and {m.hidden_size})"),
+        (not m.tie_weights or d.task == "lm", "model.tie_weights", "applies to language models"),
+        (m.layers >= 1 and m.hidden_size >= 1 and m.embedding_size >= 1, "model.layers",
+         "layers, hidden_size and embedding_size must be >= 1"),
+        (2 <= m.order <= 5, "model.order", "must be between 2 and 5"),
+        (0.0 < m.discount < 1.0, "model.discount", "must be in (0, 1)"),
+        (m.window >= 1, "model.window", "must be >= 1"),
+        (all(0.0 <= p < 1.0 for p in (m.dropout, m.dropout_input, m.dropout_output)),
+         "model.dropout", "dropout probabilities must be in [0, 1)"),
+        (t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (t.bptt >= 1, "train.bptt", "must be >= 1"),
+        (t.clip >= 0.0, "train.clip", "must be >= 0"),
+        (t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+         "must be cpu or cuda[:N]"),
+        (o.name in OPTIMIZERS, "optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}"),
+        (o.lr > 0.0, "optimizer.lr", "must be > 0"),
+        (0.0 < o.plateau_factor <= 1.0, "optimizer.plateau_factor", "must be in (0, 1]"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key} {message}")
+    if d.format == "chars" and d.level != "char":
+        raise ConfigError("data.level must be 'char' for data.format = 'chars'")
+    wanted = {"lm": ("lines", "chars"), "tag": ("conllu", "columns"), "classify": ("labelled",)}
+    if d.format not in wanted[d.task]:
+        raise ConfigError(f"data.format '{d.format}' does not fit data.task '{d.task}' "
+                          f"(use {' or '.join(wanted[d.task])})")

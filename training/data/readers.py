@@ -1,0 +1,105 @@
+"""Readers for the corpus formats Recur trains on. Each returns plain Python lists.
+
+Real corpora are read by path from RECUR_DATA (default ../shared/data);
+nothing is downloaded or copied into the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from serving.tokenizer import EOS, Normalization
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("RECUR_DATA", "../shared/data"))
+
+
+def resolve(path: str | Path) -> Path:
+    """`$RECUR_DATA/...` style paths: a path starting with `data:` is under data_root()."""
+    text = str(path)
+    if text.startswith("data:"):
+        return data_root() / text[len("data:"):]
+    return Path(text)
+
+
+def _open_text(path: Path, encoding: str = "utf-8") -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such corpus file (RECUR_DATA={data_root()})")
+    return path.read_text(encoding=encoding)
+
+
+def read_lines_lm(path: str | Path, norm: Normalization) -> list[list[str]]:
+    """One sentence per line; `<eos>` appended to each (Penn Treebank style)."""
+    return [norm.tokenize(line) + [EOS] for line in _open_text(resolve(path)).splitlines()
+            if line.strip()]
+
+
+def read_char_stream(path: str | Path, norm: Normalization,
+                     split: str | None = None, fractions=(0.9, 0.05, 0.05)) -> list[list[str]]:
+    """A whole file as one character stream (Tiny Shakespeare), optionally one split of it:
+    the first 90% of characters train, the next 5% valid, the last 5% test."""
+    text = _open_text(resolve(path))
+    if split is not None:
+        n = len(text)
+        a, b = int(n * fractions[0]), int(n * (fractions[0] + fractions[1]))
+        text = {"train": text[:a], "valid": text[a:b], "test": text[b:]}[split]
+    return [norm.tokenize(text)]
+
+
+def read_conllu(path: str | Path, norm: Normalization,
+                column: int = 3) -> list[tuple[list[str], list[str]]]:
+    """CoNLL-U sentences as (words, tags); skips comments, multiword ranges and empty nodes.
+    `column` is 0-based: 3 is UPOS, 4 is XPOS."""
+    sentences, words, tags = [], [], []
+    for line in _open_text(resolve(path)).splitlines():
+        if not line.strip():
+            if words:
+                sentences.append((words, tags))
+            words, tags = [], []
+            continue
+        if line.startswith("#"):
+            continue
+        cols = line.split("\t")
+        if "-" in cols[0] or "." in cols[0]:
+            continue
+        words.extend(norm.tokenize(cols[1]) or [cols[1]])
+        tags.append(cols[column])
+    if words:
+        sentences.append((words, tags))
+    return sentences
+
+
+def read_columns(path: str | Path, norm: Normalization, token_column: int = 0,
+                 tag_column: int = -1,
+                 encoding: str = "utf-8") -> list[tuple[list[str], list[str]]]:
+    """Whitespace-separated columns, blank line between sentences (CoNLL-2000, WNUT-17)."""
+    sentences, words, tags = [], [], []
+    for line in _open_text(resolve(path), encoding).splitlines():
+        cols = line.split()
+        if not cols:
+            if words:
+                sentences.append((words, tags))
+            words, tags = [], []
+            continue
+        token = cols[token_column]
+        words.append(norm.tokenize(token)[0] if norm.tokenize(token) else token)
+        tags.append(cols[tag_column])
+    if words:
+        sentences.append((words, tags))
+    return sentences
+
+
+def read_labelled(path: str | Path, norm: Normalization,
+                  encoding: str = "utf-8") -> list[tuple[list[str], str]]:
+    """`label<space>sentence` or `label<TAB>sentence` lines."""
+    examples = []
+    for n, line in enumerate(_open_text(resolve(path), encoding).splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t", 1) if "\t" in line else line.split(" ", 1)
+        if len(parts) != 2 or not parts[1].strip():
+            raise ValueError(f"{path}:{n}: expected 'label sentence', got {line[:60]!r}")
+        examples.append((norm.tokenize(parts[1]), parts[0].strip()))
+    return examples

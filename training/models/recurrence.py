@@ -1,0 +1,187 @@
+"""The recurrent layers: Elman (tanh or ReLU), LSTM and GRU, one implementation.
+
+Each layer computes its input projection for all steps at once, then runs only the
+recurrent product inside the time loop. The ONNX export mirrors this layout
+(projection before the Loop, recurrence inside), so the two stay easy to compare.
+
+States are packed per layer as [B, S]: S = H for Elman and GRU, 2H for LSTM ([h ; c]).
+Explicit lengths: a step past a row's length leaves that row's state unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+CELLS = ("elman_tanh", "elman_relu", "lstm", "gru")
+_GATES = {"elman_tanh": 1, "elman_relu": 1, "lstm": 4, "gru": 3}
+
+
+class RecurrentLayer(nn.Module):
+    """Elman: h_t = g(W h_{t-1} + U x_t + b), which has h(h + d + 1) parameters.
+    LSTM: gates in PyTorch's order (i, f, g, o). GRU: PyTorch's formulation, where the
+    reset gate multiplies (W_hn h + b_hn)."""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, learn_h0: bool = False):
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"model.cell must be one of {', '.join(CELLS)}, got {cell!r}")
+        self.cell, self.input_size, self.hidden_size = cell, input_size, hidden_size
+        gates = _GATES[cell] * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gates, input_size))  # U
+        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size))  # W
+        self.bias = nn.Parameter(torch.empty(gates))  # b
+        self.bias_hn = nn.Parameter(torch.empty(hidden_size)) if cell == "gru" else None
+        self.h0 = nn.Parameter(torch.zeros(self.state_size)) if learn_h0 else None
+        self.reset_parameters()
+
+    @property
+    def state_size(self) -> int:
+        return 2 * self.hidden_size if self.cell == "lstm" else self.hidden_size
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name, p in self.named_parameters():
+            if name != "h0":
+                nn.init.uniform_(p, -bound, bound)
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        if self.h0 is not None:
+            return self.h0.unsqueeze(0).expand(batch_size, -1)
+        return self.weight_hh.new_zeros(batch_size, self.state_size)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,T,D] -> outputs [B,T,H], final state [B,S]."""
+        batch, steps, _ = x.shape
+        if state is None:
+            state = self.initial_state(batch)
+        projected = torch.addmm(self.bias, x.reshape(-1, self.input_size), self.weight_ih.t())
+        projected = projected.view(batch, steps, -1)
+        mask = None
+        if lengths is not None and bool((lengths < steps).any()):
+            mask = (torch.arange(steps, device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        step = getattr(self, f"_step_{'elman' if self.cell.startswith('elman') else self.cell}")
+        outputs = []
+        for t in range(steps):
+            new_state, h = step(projected[:, t], state)
+            if mask is not None:
+                new_state = torch.where(mask[:, t], new_state, state)
+            state = new_state
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), state
+
+    def _step_elman(self, projected: torch.Tensor, h: torch.Tensor):
+        pre = torch.addmm(projected, h, self.weight_hh.t())
+        h = torch.tanh(pre) if self.cell == "elman_tanh" else torch.relu(pre)
+        return h, h
+
+    def _step_lstm(self, projected: torch.Tensor, state: torch.Tensor):
+        h, c = state.chunk(2, dim=1)
+        i, f, g, o = torch.addmm(projected, h, self.weight_hh.t()).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return torch.cat([h, c], dim=1), h
+
+    def _step_gru(self, projected: torch.Tensor, h: torch.Tensor):
+        x_r, x_z, x_n = projected.chunk(3, dim=1)
+        h_r, h_z, h_n = torch.mm(h, self.weight_hh.t()).chunk(3, dim=1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * (h_n + self.bias_hn))
+        h = (1 - z) * n + z * h
+        return h, h
+
+
+def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Reverses each row's first `length` steps and leaves its padding in place
+    (ONNX's ReverseSequence)."""
+    batch, steps = x.shape[:2]
+    if lengths is None:
+        return x.flip(1)
+    t = torch.arange(steps, device=x.device)[None, :]
+    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    return x.gather(1, index.view(batch, steps, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+class LockedDropout(nn.Module):
+    """Variational dropout: one mask per sequence, shared by all its time steps."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        mask = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1 - self.p) / (1 - self.p)
+        return x * mask
+
+
+def make_dropout(p: float, variational: bool) -> nn.Module:
+    return LockedDropout(p) if variational else nn.Dropout(p)
+
+
+class RecurrentStack(nn.Module):
+    """Stacked layers with dropout between them; optionally bidirectional.
+
+    Unidirectional stacks take and return states [L, B, S], so they can run
+    incrementally. A bidirectional stack's output at t is [backward_h_t ; forward_h_t].
+    """
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 dropout: float = 0.0, variational: bool = False, bidirectional: bool = False,
+                 learn_h0: bool = False):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"model.layers must be >= 1, got {num_layers}")
+        self.cell, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
+        self.bidirectional = bidirectional
+        directions = 2 if bidirectional else 1
+        sizes = [input_size] + [hidden_size * directions] * (num_layers - 1)
+        self.forward_layers = nn.ModuleList(
+            RecurrentLayer(cell, d, hidden_size, learn_h0) for d in sizes)
+        self.backward_layers = None
+        if bidirectional:
+            self.backward_layers = nn.ModuleList(
+                RecurrentLayer(cell, d, hidden_size, learn_h0) for d in sizes)
+        self.between = make_dropout(dropout, variational)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size * (2 if self.bidirectional else 1)
+
+    @property
+    def state_size(self) -> int:
+        return self.forward_layers[0].state_size
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        return torch.stack([layer.initial_state(batch_size) for layer in self.forward_layers])
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None):
+        """Returns (outputs [B,T,output_size], final states).
+
+        Final states: [L,B,S] when unidirectional; a pair (forward [L,B,S], backward [L,B,S])
+        when bidirectional (the backward one is its state after reading back to position 0).
+        """
+        if self.bidirectional and state is not None:
+            raise ValueError("a bidirectional stack reads whole texts and takes no incoming state")
+        finals_fw, finals_bw = [], []
+        for i, layer in enumerate(self.forward_layers):
+            if i > 0:
+                x = self.between(x)
+            out_fw, final_fw = layer(x, None if state is None else state[i], lengths)
+            finals_fw.append(final_fw)
+            if self.backward_layers is not None:
+                reversed_in = reverse_within_lengths(x, lengths)
+                out_bw, final_bw = self.backward_layers[i](reversed_in, None, lengths)
+                finals_bw.append(final_bw)
+                x = torch.cat([reverse_within_lengths(out_bw, lengths), out_fw], dim=2)
+            else:
+                x = out_fw
+        if self.backward_layers is None:
+            return x, torch.stack(finals_fw)
+        return x, (torch.stack(finals_fw), torch.stack(finals_bw))

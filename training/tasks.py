@@ -1,0 +1,272 @@
+"""The three tasks: what their data is, how a batch's loss is computed, how they are evaluated.
+
+The trainer (train.py) is task-agnostic; everything that differs between language
+modelling, tagging and classification lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
+from training import metrics
+from training.config import Config
+from training.data import batching, readers
+from training.models.encoders import RecurrentClassifier, RecurrentTagger
+from training.models.language_model import FeedForwardLM, RecurrentLM
+from training.models.ngram import KneserNey
+
+SPLITS = ("train", "valid", "test")
+
+
+def normalization(config: Config) -> Normalization:
+    d = config.data
+    return Normalization(d.level, d.lowercase, d.number_token or None)
+
+
+def _read(config: Config, split: str):
+    d, norm = config.data, normalization(config)
+    path = getattr(d, split)
+    if not path:
+        raise ValueError(f"data.{split} is not set")
+    if d.format == "lines":
+        return readers.read_lines_lm(path, norm)
+    if d.format == "chars":
+        one_file = d.train == d.valid == d.test
+        return readers.read_char_stream(path, norm, split if one_file else None)
+    if d.format == "conllu":
+        return readers.read_conllu(path, norm, d.tag_column if d.tag_column >= 0 else 3)
+    if d.format == "columns":
+        return readers.read_columns(path, norm, d.token_column, d.tag_column, d.encoding)
+    return readers.read_labelled(path, norm, d.encoding)
+
+
+class LanguageModelTask:
+    """A token stream in B parallel columns, trained by truncated BPTT with the state
+    carried across windows and detached; evaluated with the state carried too."""
+
+    metric = "ppl"
+    higher_is_better = False
+
+    def __init__(self, config: Config, vocab: Vocabulary | None = None):
+        self.config = config
+        sentences = {"train": _read(config, "train")}
+        if vocab is None:
+            counts = Counter(t for s in sentences["train"] for t in s)
+            d = config.data
+            vocab = Vocabulary.build(counts, [UNK, EOS], normalization(config), d.min_count,
+                                     d.max_size or None)
+        self.vocab = vocab
+        self.labels = None
+        self._sentences = sentences
+        self.streams: dict[str, list[int]] = {}
+        self.carry = None  # hidden state carried between training windows
+        self.eval_limit: int | None = None  # dry runs evaluate on a prefix only
+
+    def stream(self, split: str) -> list[int]:
+        if split not in self.streams:
+            sentences = self._sentences.pop(split, None) or _read(self.config, split)
+            self.streams[split] = [self.vocab.id(t) for s in sentences for t in s]
+        return self.streams[split]
+
+    def build_model(self) -> nn.Module | KneserNey:
+        m, v = self.config.model, len(self.vocab)
+        if m.type == "kn":
+            return KneserNey(m.order, v, m.discount).fit(self.stream("train"))
+        if m.type == "ffnn":
+            return FeedForwardLM(v, m.embedding_size, m.hidden_size, m.window, m.dropout,
+                                 self.vocab.eos_id)
+        return RecurrentLM(v, m.cell, m.embedding_size, m.hidden_size, m.layers, m.dropout,
+                           m.dropout_input, m.dropout_output, m.variational, m.tie_weights,
+                           m.learn_h0)
+
+    def epoch_batches(self, epoch: int, device: torch.device):
+        t = self.config.train
+        data = batching.columns(self.stream("train"), t.batch_size).to(device)
+        schedule = batching.window_schedule(data.shape[1], t.bptt, t.variable_bptt, t.seed, epoch)
+        return len(schedule), lambda start: batching.windows(data, schedule, start)
+
+    def start_epoch(self) -> None:
+        self.carry = None
+
+    def loss(self, model: nn.Module, batch):
+        """-> (mean loss, tokens read, (correct, counted) or None)."""
+        inputs, targets = batch
+        if self.carry is not None:
+            self.carry = self.carry.detach()
+        logits, self.carry = model(inputs, self.carry)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return loss, targets.numel(), None
+
+    @torch.inference_mode()
+    def evaluate(self, model, split: str, device: torch.device) -> dict:
+        stream = self.stream(split)[: self.eval_limit]
+        if isinstance(model, KneserNey):
+            logprobs = model.stream_logprobs(stream[1:], stream[:1])
+            nll = -sum(logprobs)
+            count = len(logprobs)
+        else:
+            model.eval()
+            t = self.config.train
+            data = batching.columns(stream, t.eval_batch_size).to(device)
+            state, nll, count = None, 0.0, 0
+            for _, inputs, targets in batching.windows(
+                    data, batching.window_schedule(data.shape[1], t.bptt, False, 0, 0)):
+                logits, state = model(inputs, state)
+                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       reduction="sum").item()
+                count += targets.numel()
+        loss = nll / max(1, count)
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+class _PaddedTask:
+    """Tagging and classification: length-bucketed, padded mini-batches with lengths."""
+
+    def __init__(self, config: Config, vocab: Vocabulary | None, labels: LabelSet | None):
+        self.config = config
+        self.examples = {"train": _read(config, "train")}
+        if vocab is None:
+            counts = Counter(t for words, _ in self.examples["train"] for t in words)
+            d = config.data
+            vocab = Vocabulary.build(counts, [PAD, UNK], normalization(config), d.min_count,
+                                     d.max_size or None)
+        self.vocab = vocab
+        self.labels = labels or LabelSet.build(self._all_labels(self.examples["train"]))
+        self._encoded: dict[str, list] = {}
+        self.eval_limit: int | None = None  # dry runs evaluate on a prefix only
+
+    def encoded(self, split: str) -> list:
+        if split not in self._encoded:
+            raw = self.examples.pop(split, None) or _read(self.config, split)
+            self._encoded[split] = [(self.vocab.encode_tokens(words), self._encode_target(target))
+                                    for words, target in raw if words]
+        return self._encoded[split]
+
+    def epoch_batches(self, epoch: int, device: torch.device):
+        t = self.config.train
+        batches = batching.bucketed_batches(self.encoded("train"), t.batch_size,
+                                            self.vocab.pad_id, True, t.seed, epoch)
+
+        def iterate(start: int):
+            for index in range(start, len(batches)):
+                b = batches[index]
+                yield index, b.tokens.to(device), b.lengths.to(device), b.targets.to(device)
+
+        return len(batches), iterate
+
+    def start_epoch(self) -> None:
+        pass
+
+    def loss(self, model: nn.Module, batch):
+        """-> (mean loss, tokens read, (correct, counted) or None)."""
+        tokens, lengths, targets = batch
+        logits, _ = model(tokens, lengths)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=batching.IGNORE_INDEX)
+        correct = (logits.detach().argmax(-1) == targets).sum().item()
+        counted = int((targets != batching.IGNORE_INDEX).sum())
+        return loss, int(lengths.sum()), (correct, counted)
+
+    @torch.inference_mode()
+    def predictions(self, model, split: str, device: torch.device):
+        model.eval()
+        t = self.config.train
+        gold, predicted, nll, count = [], [], 0.0, 0
+        examples = self.encoded(split)
+        if self.eval_limit is not None:
+            examples = examples[: max(1, self.eval_limit // 20)]
+        for b in batching.bucketed_batches(examples, t.eval_batch_size,
+                                           self.vocab.pad_id, False):
+            logits, _ = model(b.tokens.to(device), b.lengths.to(device))
+            targets = b.targets.to(device)
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=batching.IGNORE_INDEX, reduction="sum").item()
+            best = logits.argmax(-1).cpu()
+            for row in range(len(b.lengths)):
+                n = int(b.lengths[row])
+                if best.dim() == 2:
+                    gold.append(b.targets[row, :n].tolist())
+                    predicted.append(best[row, :n].tolist())
+                else:
+                    gold.append(int(b.targets[row]))
+                    predicted.append(int(best[row]))
+            count += int(b.lengths.sum()) if best.dim() == 2 else len(b.lengths)
+        return gold, predicted, nll / max(1, count)
+
+
+class TaggingTask(_PaddedTask):
+    metric = "accuracy"
+    higher_is_better = True
+
+    def _all_labels(self, examples):
+        return [tag for _, tags in examples for tag in tags]
+
+    def _encode_target(self, tags):
+        # a tag never seen in training can only be an error, never a match
+        return [self.labels.index.get(tag, batching.IGNORE_INDEX) for tag in tags]
+
+    def build_model(self) -> nn.Module:
+        m = self.config.model
+        return RecurrentTagger(len(self.vocab), len(self.labels), self.vocab.pad_id, m.cell,
+                               m.embedding_size, m.hidden_size, m.layers, m.dropout,
+                               m.dropout_input, m.dropout_output, m.variational, m.bidirectional,
+                               m.learn_h0)
+
+    def evaluate(self, model, split: str, device: torch.device) -> dict:
+        gold, predicted, loss = self.predictions(model, split, device)
+        flat_gold = [t for s in gold for t in s]
+        flat_pred = [t for s in predicted for t in s]
+        result = {"loss": loss, "accuracy": metrics.accuracy(flat_gold, flat_pred),
+                  "tokens": len(flat_gold)}
+        if metrics.is_bio(self.labels.names):
+            names = self.labels.names
+            def named(seqs):
+                return [[names[t] if t >= 0 else "?" for t in s] for s in seqs]
+
+            entity = metrics.entity_f1(named(gold), named(predicted))
+            result.update({f"entity_{k}": v for k, v in entity.items()})
+        return result
+
+
+class ClassificationTask(_PaddedTask):
+    metric = "accuracy"
+    higher_is_better = True
+
+    def _all_labels(self, examples):
+        return [label for _, label in examples]
+
+    def _encode_target(self, label):
+        return self.labels.id(label)
+
+    def build_model(self) -> nn.Module:
+        m = self.config.model
+        return RecurrentClassifier(len(self.vocab), len(self.labels), self.vocab.pad_id, m.cell,
+                                   m.embedding_size, m.hidden_size, m.layers, m.dropout,
+                                   m.dropout_input, m.dropout_output, m.variational,
+                                   m.bidirectional, m.pooling, m.learn_h0)
+
+    def evaluate(self, model, split: str, device: torch.device) -> dict:
+        gold, predicted, loss = self.predictions(model, split, device)
+        return {"loss": loss, "accuracy": metrics.accuracy(gold, predicted),
+                "macro_f1": metrics.macro_f1(gold, predicted), "examples": len(gold)}
+
+
+def make_task(config: Config, run_dir: Path | None = None):
+    """A task; with a run directory, its saved vocabulary and labels are reused."""
+    vocab = labels = None
+    if run_dir is not None and (run_dir / "vocab.json").exists():
+        vocab = Vocabulary.load(run_dir / "vocab.json")
+        if (run_dir / "labels.json").exists():
+            labels = LabelSet.load(run_dir / "labels.json")
+    if config.data.task == "lm":
+        return LanguageModelTask(config, vocab)
+    if config.data.task == "tag":
+        return TaggingTask(config, vocab, labels)
+    return ClassificationTask(config, vocab, labels)

@@ -1,0 +1,265 @@
+"""The training loop, shared by every task and model.
+
+Exact resume: the checkpoint holds the weights, the optimizer, the learning rate and
+plateau counters, the RNG state, the position in the epoch's batch order and (for
+language models) the hidden state carried into the next window. Batch orders are
+functions of (seed, epoch), so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from training import checkpoint
+from training.config import Config
+from training.models.ngram import KneserNey
+from training.tasks import make_task
+
+DRY_RUN_BATCHES = 3
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs completed
+    index: int = 0  # next batch within the current epoch
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # training tokens seen
+    lr: float = 0.0
+    best: float | None = None  # best validation metric so far
+    bad_epochs: int = 0
+    clipped_steps: int = 0
+
+
+def device_of(config: Config) -> torch.device:
+    device = torch.device(config.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device")
+    return device
+
+
+def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o, params = config.optimizer, [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+class _Stop:
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to save and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricLog:
+    """metrics.jsonl plus TensorBoard, one record per logged point."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            self.path.write_text("")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if isinstance(value, float | int) and key not in ("step", "epoch"):
+                self.writer.add_scalar(f"{record['split']}/{key}", value, record["tokens"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bool = False) -> dict:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = config.train
+    torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    device = device_of(config)
+    task = make_task(config, run_dir if resume else None)
+    task.vocab.save(run_dir / "vocab.json")
+    if task.labels is not None:
+        task.labels.save(run_dir / "labels.json")
+    (run_dir / "config.toml").write_text(config.to_toml())
+    if dry_run:
+        task.eval_limit = 2000
+    model = task.build_model()
+    if isinstance(model, KneserNey):
+        return _finish_count_model(task, model, run_dir, device)
+
+    model.to(device)
+    optimizer = build_optimizer(config, model)
+    progress = Progress(lr=config.optimizer.lr)
+    if resume:
+        saved = checkpoint.load(run_dir / checkpoint.LAST, device)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        progress = Progress(**saved["progress"])
+        task.carry = saved.get("carry")
+        checkpoint.restore_rng(saved["rng"])
+    log = MetricLog(run_dir, progress.step if resume else None)
+    epochs = 1 if dry_run else t.epochs
+    started = time.monotonic()
+    stopped_early = False
+
+    def save_last() -> None:
+        checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "progress": asdict(progress), "carry": task.carry,
+                                "rng": checkpoint.rng_state()}, run_dir / checkpoint.LAST)
+
+    with _Stop() as stop:
+        while progress.epoch < epochs and not stopped_early:
+            total, iterate = task.epoch_batches(progress.epoch, device)
+            if dry_run:
+                total = min(total, DRY_RUN_BATCHES)
+            if progress.index == 0:
+                task.start_epoch()
+            window = {"loss": 0.0, "tokens": 0, "batches": 0, "norm": 0.0, "clipped": 0,
+                      "correct": 0, "counted": 0, "time": time.monotonic()}
+            bar = tqdm(total=total, initial=progress.index, desc=f"epoch {progress.epoch + 1}",
+                       dynamic_ncols=True, leave=False, disable=None)
+            for index, *batch in iterate(progress.index):
+                if index >= total:
+                    break
+                model.train()
+                loss, tokens, counts = task.loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                limit = t.clip if t.clip > 0 else math.inf
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+                optimizer.step()
+                clipped = norm > limit
+                progress.index, progress.step = index + 1, progress.step + 1
+                progress.tokens += tokens
+                progress.clipped_steps += int(clipped)
+                window["loss"] += loss.item() * tokens
+                window["tokens"] += tokens
+                window["batches"] += 1
+                window["norm"] += norm
+                window["clipped"] += int(clipped)
+                if counts is not None:
+                    window["correct"] += counts[0]
+                    window["counted"] += counts[1]
+                bar.update(1)
+                last_of_epoch = progress.index >= total
+                if progress.step % t.log_every == 0 or last_of_epoch:
+                    record = _train_record(task, progress, window)
+                    log.write(record)
+                    bar.set_postfix({k: f"{record[k]:.3g}" for k in
+                                     ("loss", task.metric, "tokens_per_s") if k in record})
+                    window.update(loss=0.0, tokens=0, batches=0, norm=0.0, clipped=0, correct=0,
+                                  counted=0, time=time.monotonic())
+                out_of_time = t.max_minutes > 0 and time.monotonic() - started > t.max_minutes * 60
+                if stop.requested or (t.max_steps and progress.step >= t.max_steps):
+                    save_last()
+                    bar.close()
+                    log.close()
+                    reason = "interrupted" if stop.requested else "max_steps"
+                    print(f"stopped ({reason}) at step {progress.step}; "
+                          f"resume with: recur train --resume {run_dir}")
+                    return {"stopped": reason, "step": progress.step}
+                if out_of_time:
+                    stopped_early = True
+                    break
+                if t.checkpoint_every and progress.step % t.checkpoint_every == 0:
+                    save_last()
+            bar.close()
+            progress.epoch, progress.index = progress.epoch + 1, 0
+            _end_of_epoch(task, model, optimizer, progress, config, log, run_dir, device)
+            save_last()
+    log.close()
+    return _finish(task, model, run_dir, device, progress)
+
+
+def _train_record(task, progress: Progress, window: dict) -> dict:
+    elapsed = max(1e-9, time.monotonic() - window["time"])
+    loss = window["loss"] / max(1, window["tokens"])
+    record = {"split": "train", "step": progress.step, "epoch": progress.epoch + 1,
+              "tokens": progress.tokens, "loss": loss, "lr": progress.lr,
+              "grad_norm": window["norm"] / max(1, window["batches"]),
+              "clip_fraction": window["clipped"] / max(1, window["batches"]),
+              "tokens_per_s": window["tokens"] / elapsed}
+    if task.metric == "ppl":
+        record["ppl"] = math.exp(min(loss, 700.0))
+    elif window["counted"]:
+        record["accuracy"] = window["correct"] / window["counted"]
+    return record
+
+
+def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, log: MetricLog,
+                  run_dir: Path, device) -> None:
+    result = task.evaluate(model, "valid", device)
+    log.write({"split": "valid", "step": progress.step, "epoch": progress.epoch,
+               "tokens": progress.tokens, "lr": progress.lr, **result})
+    value = result[task.metric]
+    improved = progress.best is None or (value > progress.best if task.higher_is_better
+                                         else value < progress.best)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
+    print(f"epoch {progress.epoch}: valid {shown}{' (best)' if improved else ''}")
+    if improved:
+        progress.best, progress.bad_epochs = value, 0
+        checkpoint.save_atomic({"model": model.state_dict(), "epoch": progress.epoch,
+                                "valid": result}, run_dir / checkpoint.BEST)
+        return
+    progress.bad_epochs += 1
+    o = config.optimizer
+    if progress.bad_epochs > o.plateau_patience and o.plateau_factor < 1.0:
+        progress.lr = max(o.min_lr, progress.lr * o.plateau_factor)
+        progress.bad_epochs = 0
+        for group in optimizer.param_groups:
+            group["lr"] = progress.lr
+        print(f"validation did not improve: learning rate now {progress.lr:.4g}")
+
+
+def _finish(task, model, run_dir: Path, device, progress: Progress) -> dict:
+    best = checkpoint.load(run_dir / checkpoint.BEST, device)
+    model.load_state_dict(best["model"])
+    summary = {"valid": task.evaluate(model, "valid", device), "best_epoch": best["epoch"],
+               "steps": progress.step, "tokens": progress.tokens,
+               "clip_fraction": progress.clipped_steps / max(1, progress.step),
+               "parameters": sum(p.numel() for p in model.parameters())}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from training.plots import learning_curve
+
+    learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png", task.metric)
+    return summary
+
+
+def _finish_count_model(task, model: KneserNey, run_dir: Path, device) -> dict:
+    summary = {"valid": task.evaluate(model, "valid", device), "steps": 0,
+               "tokens": len(task.stream("train"))}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"valid ppl {summary['valid']['ppl']:.2f}")
+    return summary
