@@ -25,9 +25,9 @@ def synth_dir(tmp_path_factory) -> Path:
 
 def demo_config(name: str, synth: Path, *overrides: str):
     """A demo recipe pointed at the session's generated corpus."""
-    from training.config import load_config
-
     import tomllib
+
+    from training.config import load_config
 
     data = tomllib.loads((REPO / "training" / "configs" / f"{name}.toml").read_text())["data"]
     paths = [f'data.{split}="{data[split].replace("data/synth", str(synth))}"'

@@ -140,6 +140,7 @@ class _PaddedTask:
         self.vocab = vocab
         self.labels = labels or LabelSet.build(self._all_labels(self.examples["train"]))
         self._encoded: dict[str, list] = {}
+        self.carry = None  # batches are independent: nothing carried
         self.eval_limit: int | None = None  # dry runs evaluate on a prefix only
 
     def encoded(self, split: str) -> list:
