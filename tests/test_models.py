@@ -165,3 +165,21 @@ def test_feedforward_lm_carries_its_window_across_calls():
     first, state = lm(stream[:, :5])
     second, _ = lm(stream[:, 5:], state)
     assert torch.allclose(torch.cat([first, second], 1), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_kernels_agree_with_the_explicit_loop(cell):
+    layer = RecurrentLayer(cell, 5, 7)
+    x = torch.randn(4, 8, 5, requires_grad=True)
+    state = torch.randn(4, layer.state_size)
+    for lengths in (None, torch.tensor([8, 3, 1, 6])):
+        fused_out, fused_state = layer(x, state, lengths)
+        loop_out, loop_state = layer.forward_loop(x, state, lengths)
+        valid = torch.ones(4, 8, dtype=torch.bool) if lengths is None else (
+            torch.arange(8)[None, :] < lengths[:, None])
+        assert torch.allclose(fused_out[valid], loop_out[valid], atol=1e-6)
+        assert torch.allclose(fused_state, loop_state, atol=1e-6)
+        grads = [torch.autograd.grad(o[valid].sum() + s.sum(), [x, layer.weight_hh])
+                 for o, s in ((fused_out, fused_state), (loop_out, loop_state))]
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-5)

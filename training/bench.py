@@ -1,0 +1,161 @@
+"""`make bench-train RECIPE=...`: train one recipe under its time budget and record the result.
+
+Results are merged into bench/results.json (one entry per recipe) and the README table
+between the bench-train markers is regenerated from it. For recurrent language models the
+same process also measures training throughput of a reference model of the same size built
+from torch's own nn.LSTM / nn.RNN / nn.GRU modules (the layout of PyTorch's
+word_language_model example), so speed is reported as a ratio measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.config import Config, load_config
+from training.evaluate import load_run
+from training.train import device_of, train
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results.json"
+README = REPO / "README.md"
+START, END = "<!-- bench-train:start -->", "<!-- bench-train:end -->"
+PUBLISHED = {  # test perplexity on PTB, for the table
+    "ptb-kn5": "141.2 (KN5, Mikolov 2012)", "ptb-elman": "124.7 (RNNLM, Mikolov 2012)",
+    "ptb-lstm": "114.5 small / 82.7 medium (Zaremba 2014); 87.9 word_language_model here",
+}
+
+
+class _TorchReferenceLM(nn.Module):
+    def __init__(self, config: Config, vocab_size: int):
+        super().__init__()
+        m = config.model
+        self.embedding = nn.Embedding(vocab_size, m.embedding_size)
+        if m.cell.startswith("elman"):
+            self.rnn = nn.RNN(m.embedding_size, m.hidden_size, m.layers, batch_first=True,
+                              nonlinearity=m.cell.split("_")[1], dropout=m.dropout)
+        else:
+            cls = nn.LSTM if m.cell == "lstm" else nn.GRU
+            self.rnn = cls(m.embedding_size, m.hidden_size, m.layers, batch_first=True,
+                           dropout=m.dropout)
+        self.output = nn.Linear(m.hidden_size, vocab_size)
+        if m.tie_weights:
+            self.output.weight = self.embedding.weight
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.embedding(tokens))
+        return self.output(out), None
+
+
+def step_rate(model: nn.Module, config: Config, vocab_size: int, steps: int = 20) -> float:
+    """Median training tokens per second over `steps` SGD steps on random windows."""
+    t = config.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    model.train()
+    for _ in range(steps + 3):
+        tokens = torch.randint(0, vocab_size, (t.batch_size, t.bptt + 1), generator=generator)
+        started = time.perf_counter()
+        logits, _ = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, vocab_size), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return t.batch_size * t.bptt / statistics.median(times[3:])
+
+
+def run(recipe: str, minutes: float | None, overrides: list[str]) -> dict:
+    config = load_config(recipe, overrides + ([f"train.max_minutes={minutes}"] if minutes else []))
+    torch.set_num_threads(config.train.threads)
+    run_dir = REPO / "runs" / f"bench-{recipe}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    result: dict = {"recipe": recipe, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                    "machine": f"{platform.processor() or platform.machine()}, "
+                               f"{config.train.threads} threads, torch {torch.__version__}",
+                    "budget_minutes": config.train.max_minutes, "overrides": overrides}
+    started = time.monotonic()
+    summary = train(config, run_dir)
+    result["wall_minutes"] = round((time.monotonic() - started) / 60, 1)
+    _, task, model = load_run(run_dir)
+    result["test"] = task.evaluate(model, "test", device_of(config))
+    result["valid"] = summary["valid"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if r["split"] == "train"]
+    result.update(epochs=max((r["epoch"] for r in records if r["split"] == "valid"), default=0),
+                  steps=summary["steps"], train_tokens=summary["tokens"],
+                  parameters=summary.get("parameters"),
+                  median_train_tokens_per_s=round(statistics.median(rates)) if rates else None)
+    if config.data.task == "lm" and config.model.type == "rnn":
+        ours = step_rate(task.build_model(), config, len(task.vocab))
+        reference = step_rate(_TorchReferenceLM(config, len(task.vocab)), config, len(task.vocab))
+        result["throughput_vs_torch_modules"] = {
+            "ours_tokens_per_s": round(ours), "torch_modules_tokens_per_s": round(reference),
+            "ratio": round(ours / reference, 3)}
+    curves = REPO / "bench" / "curves"
+    curves.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "learning_curve.png").exists():
+        shutil.copy(run_dir / "learning_curve.png", curves / f"{recipe}.png")
+    return result
+
+
+def save(result: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[result["recipe"]] = result
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    update_readme(results)
+
+
+def _metric(result: dict) -> str:
+    test = result["test"]
+    if "ppl" in test:
+        return f"test ppl {test['ppl']:.1f}"
+    shown = f"test acc {100 * test['accuracy']:.2f}%"
+    if "entity_f1" in test:
+        shown += f", entity F1 {100 * test['entity_f1']:.1f}"
+    return shown
+
+
+def update_readme(results: dict) -> None:
+    rows = ["| recipe | result | valid | epochs | minutes | train tok/s | vs torch modules | "
+            "published |", "|---|---|---|---|---|---|---|---|"]
+    for recipe, r in sorted(results.items()):
+        valid = r["valid"].get("ppl") or r["valid"].get("accuracy")
+        ratio = r.get("throughput_vs_torch_modules", {}).get("ratio")
+        rows.append(f"| {recipe} | {_metric(r)} | {valid:.4g} | {r['epochs']} | "
+                    f"{r['wall_minutes']} | {r['median_train_tokens_per_s'] or '-'} | "
+                    f"{f'{ratio:.2f}x' if ratio else '-'} | {PUBLISHED.get(recipe, '-')} |")
+    text = README.read_text()
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        text = before + START + "\n" + "\n".join(rows) + "\n" + END + rest.split(END, 1)[1]
+        README.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--minutes", type=float, help="override the recipe's time budget")
+    parser.add_argument("--set", action="append", default=[], help="config override")
+    args = parser.parse_args()
+    result = run(args.recipe, args.minutes, args.set)
+    save(result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
