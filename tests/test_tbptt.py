@@ -102,3 +102,16 @@ def test_recipe_configs_all_validate():
         p.stem for p in recipes}
     for path in recipes:
         load_config(path)
+
+
+def test_learning_rate_schedules(synth_dir, tmp_path):
+    """Epoch decay: constant, then halved after every epoch from epoch 2 on."""
+    small = synth_dir / "lm" / "valid.txt"  # a small training file: fast epochs
+    config = demo_config("demo-lm", synth_dir, f'data.train="{small}"', "train.epochs=4",
+                         "optimizer.decay_after=2", "optimizer.decay_factor=0.5",
+                         "optimizer.plateau_factor=1.0")
+    train(config, tmp_path / "decay")
+    records = [json.loads(line) for line in (tmp_path / "decay" / "metrics.jsonl").read_text()
+               .splitlines()]
+    rates = [r["lr"] for r in records if r["split"] == "valid"]
+    assert rates == [0.01, 0.01, 0.005, 0.0025]  # the rate each epoch trained with

@@ -88,6 +88,8 @@ class OptimizerConfig:
     plateau_factor: float = 0.25  # lr multiplied by this when validation does not improve
     plateau_patience: int = 0  # epochs without improvement tolerated before that
     min_lr: float = 0.0
+    decay_after: int = 0  # from this epoch on, multiply lr by decay_factor each epoch (0: off)
+    decay_factor: float = 1.0
 
 
 @dataclass
@@ -210,6 +212,8 @@ def validate(config: Config) -> None:
         (o.name in OPTIMIZERS, "optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}"),
         (o.lr > 0.0, "optimizer.lr", "must be > 0"),
         (0.0 < o.plateau_factor <= 1.0, "optimizer.plateau_factor", "must be in (0, 1]"),
+        (0.0 < o.decay_factor <= 1.0, "optimizer.decay_factor", "must be in (0, 1]"),
+        (o.decay_after >= 0, "optimizer.decay_after", "must be >= 0"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -228,19 +228,23 @@ def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, lo
                                          else value < progress.best)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
     print(f"epoch {progress.epoch}: valid {shown}{' (best)' if improved else ''}")
+    o, lr = config.optimizer, progress.lr
     if improved:
         progress.best, progress.bad_epochs = value, 0
         checkpoint.save_atomic({"model": model.state_dict(), "epoch": progress.epoch,
                                 "valid": result}, run_dir / checkpoint.BEST)
-        return
-    progress.bad_epochs += 1
-    o = config.optimizer
-    if progress.bad_epochs > o.plateau_patience and o.plateau_factor < 1.0:
-        progress.lr = max(o.min_lr, progress.lr * o.plateau_factor)
-        progress.bad_epochs = 0
+    else:
+        progress.bad_epochs += 1
+        if progress.bad_epochs > o.plateau_patience and o.plateau_factor < 1.0:
+            lr, progress.bad_epochs = lr * o.plateau_factor, 0
+    if o.decay_after and progress.epoch >= o.decay_after:
+        lr *= o.decay_factor
+    lr = max(o.min_lr, lr)
+    if lr != progress.lr:
+        progress.lr = lr
         for group in optimizer.param_groups:
-            group["lr"] = progress.lr
-        print(f"validation did not improve: learning rate now {progress.lr:.4g}")
+            group["lr"] = lr
+        print(f"learning rate now {lr:.4g}")
 
 
 def _finish(task, model, run_dir: Path, device, progress: Progress) -> dict:
