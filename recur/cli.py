@@ -12,6 +12,7 @@ COMMANDS = {
     "evaluate": ("training.cli", "evaluate_command", "print a run's metrics as JSON"),
     "generate": ("training.cli", "generate_command", "sample text from a language model"),
     "data": ("training.cli", "data_command", "write the generated corpus (recur data synth)"),
+    "export": ("training.cli", "export_command", "export a run as a verified ONNX artifact"),
 }
 
 

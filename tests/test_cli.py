@@ -67,7 +67,8 @@ def test_unknown_command_and_help():
 
 def test_serving_imports_without_torch_or_training():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['training'] = None\n"
-            "import serving.tokenizer, serving.sampler, recur.cli\n"
+            "import serving.tokenizer, serving.sampler, serving.artifact, serving.runtime\n"
+            "import recur.cli\n"
             "print('ok')")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
@@ -75,3 +76,17 @@ def test_serving_imports_without_torch_or_training():
                  if any(w in p.read_text() for w in ("import torch", "from torch",
                                                        "import training", "from training"))]
     assert offenders == []
+
+
+def test_export_writes_a_verified_artifact_and_refuses_to_overwrite(demo_lm_run, tmp_path):
+    out = tmp_path / "repo" / "demo" / "1"
+    first = recur("export", str(demo_lm_run), "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert "verified against torch" in first.stdout
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["task"] == "lm" and metadata["cell"] == "lstm"
+    assert metadata["validation"]["ppl"] < 10 and len(metadata["onnx_sha256"]) == 64
+    report = json.loads((out / "verification.json").read_text())
+    assert max(report["max_abs_diff"].values()) <= 1e-4
+    again = recur("export", str(demo_lm_run), "--out", str(out))
+    assert again.returncode == 1 and "already exists" in again.stderr

@@ -102,3 +102,26 @@ def data_command(argv: list[str]) -> int:
     for name, n in counts.items():
         print(f"{Path(args.out) / name}: {n} sentences")
     return 0
+
+
+def export_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="recur export",
+        description="Export a trained run as a verified ONNX model artifact.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", required=True, metavar="REPO/NAME/VERSION",
+                        help="artifact directory; VERSION is an integer, never overwritten")
+    args = parser.parse_args(argv)
+    from serving.artifact import ArtifactError
+    from training.export import ExportError, export_run
+    from training.export.verify import ExportMismatch
+
+    try:
+        metadata = export_run(args.run_dir, args.out)
+    except (ArtifactError, ExportError, ExportMismatch, FileNotFoundError) as error:
+        print(f"recur export: {error}", file=sys.stderr)
+        return 1
+    worst = max(metadata["verification"]["max_abs_diff"].values())
+    print(f"{metadata['path']}: {metadata['task']} {metadata['cell']} x{metadata['layers']}, "
+          f"verified against torch (max abs diff {worst:.2e})")
+    return 0

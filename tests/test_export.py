@@ -1,0 +1,132 @@
+"""ONNX export: parity with torch for every cell, task and direction, the graph's layout,
+and incremental use through the serving runtime."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from export_helpers import save_model
+
+from serving.runtime import ModelRuntime
+from training.export.graph import build_graph
+from training.export.verify import ExportMismatch, verify
+from training.models.encoders import RecurrentClassifier, RecurrentTagger
+from training.models.language_model import RecurrentLM
+from training.models.recurrence import CELLS
+
+
+def _lm(cell, layers=2, learn_h0=False, tie=True):
+    torch.manual_seed(hash(cell) % 1000)
+    return RecurrentLM(23, cell, 12, 12, layers, tie_weights=tie, learn_h0=learn_h0)
+
+
+MODELS = {
+    "lm": lambda cell: _lm(cell),
+    "lm-1layer-h0": lambda cell: _lm(cell, 1, learn_h0=True, tie=False),
+    "tagger-bi": lambda cell: RecurrentTagger(23, 5, 0, cell, 8, 10, 2, bidirectional=True),
+    "tagger-uni": lambda cell: RecurrentTagger(23, 5, 0, cell, 8, 10, 1, bidirectional=False),
+    "classifier-bi-final": lambda cell: RecurrentClassifier(23, 3, 0, cell, 8, 10, 2,
+                                                            bidirectional=True, learn_h0=True),
+    "classifier-bi-mean": lambda cell: RecurrentClassifier(23, 3, 0, cell, 8, 10, 1,
+                                                           pooling="mean"),
+    "classifier-bi-max": lambda cell: RecurrentClassifier(23, 3, 0, cell, 8, 10, 1,
+                                                          pooling="max"),
+    "classifier-uni": lambda cell: RecurrentClassifier(23, 3, 0, cell, 8, 10, 2,
+                                                       bidirectional=False),
+}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("kind", MODELS)
+def test_graph_matches_torch(kind, cell, tmp_path):
+    model = MODELS[kind](cell).eval()
+    with torch.no_grad():  # make biases and h0 matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1"))
+    report = verify(model, runtime)
+    assert max(report["max_abs_diff"].values()) <= 1e-4
+
+
+def test_graph_layout_keeps_projections_outside_the_loop(tmp_path):
+    graph = build_graph(_lm("lstm", layers=2)).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("Loop") == 2  # one per layer
+    forbidden = {"RNN", "LSTM", "GRU", "Scan"}
+
+    def all_ops(g):
+        for node in g.node:
+            yield node.op_type
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from all_ops(attr.g)
+
+    assert not forbidden & set(all_ops(graph))
+    first_loop, last_loop = ops.index("Loop"), len(ops) - 1 - ops[::-1].index("Loop")
+    # embedding Gather and the first input projection before the first Loop
+    assert "Gather" in ops[:first_loop] and "MatMul" in ops[:first_loop]
+    # output projection and LogSoftmax after the last Loop
+    assert "MatMul" in ops[last_loop:] and "LogSoftmax" in ops[last_loop:]
+    # the body holds one MatMul: the recurrent product, nothing over the vocabulary
+    body = next(a.g for n in graph.node if n.op_type == "Loop" for a in n.attribute)
+    body_ops = [n.op_type for n in body.node]
+    assert body_ops.count("MatMul") == 1 and "LogSoftmax" not in body_ops
+    initializers = {i.name: i for i in graph.initializer}
+    body_matmul = next(n for n in body.node if n.op_type == "MatMul")
+    assert list(initializers[body_matmul.input[1]].dims) == [12, 48]  # W_hh^T, H x 4H
+
+
+def test_checker_passes_with_full_check():
+    for cell in CELLS:
+        onnx.checker.check_model(build_graph(_lm(cell)), full_check=True)
+
+
+def test_same_graph_runs_one_step_and_long_sequences(tmp_path):
+    model = _lm("gru").eval()
+    runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1"))
+    for steps in (1, 300, 5000):
+        tokens = np.random.default_rng(steps).integers(0, 23, (2, steps))
+        out = runtime.run_lm(tokens, np.array([steps, max(1, steps // 2)]))
+        assert out.token_logprobs.shape == (2, steps) and np.isfinite(out.next_logprobs).all()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_incremental_chunks_equal_scoring_at_once(cell, tmp_path):
+    model = _lm(cell).eval()
+    runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1"))
+    rng = np.random.default_rng(0)
+    text = rng.integers(0, 23, 200)
+    whole = runtime.run_lm(text[None, :-1], np.array([199]), targets=text[None, 1:])
+    state, pieces, position = None, [], 0
+    while position < 199:
+        size = int(min(rng.integers(1, 30), 199 - position))
+        chunk = text[position : position + size][None]
+        step = runtime.run_lm(chunk, np.array([size]), state,
+                              text[position + 1 : position + 1 + size][None])
+        pieces.append(step.token_logprobs[0])
+        state, position = step.state, position + size
+    assert np.abs(np.concatenate(pieces) - whole.token_logprobs[0]).max() <= 1e-5
+    assert np.abs(state.numpy() - whole.state.numpy()).max() <= 1e-5
+
+
+def test_runtime_score_follows_the_convention(tmp_path):
+    from serving.tokenizer import EOS, UNK, Normalization, Vocabulary
+    from training.evaluate import sentence_logprobs
+
+    vocab = Vocabulary([UNK, EOS] + [f"w{i}" for i in range(21)], Normalization())
+    model = _lm("lstm").eval()
+    runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1", vocab))
+    sentences = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10"]
+    ids = [vocab.encode(s, add_eos=True) for s in sentences]
+    scores = [float(s.sum()) for s in runtime.score(ids)]
+    expected = sentence_logprobs(model, vocab, sentences)
+    assert np.allclose(scores, expected, atol=1e-4)
+
+
+def test_a_graph_that_differs_from_torch_is_refused(tmp_path):
+    model = _lm("elman_tanh").eval()
+    runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1"))
+    with torch.no_grad():
+        model.stack.forward_layers[-1].weight_hh.mul_(1.01)
+    with pytest.raises(ExportMismatch, match="differs from the torch model"):
+        verify(model, runtime)
