@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 RECIPE ?= ptb-lstm
 
-.PHONY: install test lint demo bench bench-train clean
+.PHONY: install test lint demo bench bench-train bench-export clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,12 +35,20 @@ demo: install
 	$(BIN)/python -m training.data.synth data/synth/lm/test
 	$(BIN)/recur generate runs/demo-lm --prompt "the old dogs that" --temperature 0.8 --seed 1 \
 	  -n 3 --max-tokens 20
+	rm -rf runs/models
+	@for task in lm pos ner cls; do \
+	  $(BIN)/recur export runs/demo-$$task --out runs/models/demo-$$task/1 || exit 1; \
+	done
 
-bench: bench-train
+bench: bench-export bench-train
 
 # One recipe per run (long: needs an otherwise idle machine); results merged into bench/results.json.
 bench-train: install
 	$(BIN)/python -m training.bench --recipe $(RECIPE)
+
+# The exported Loop graph against torch eager and ONNX's fused RNN operators (a few minutes).
+bench-export: install
+	$(BIN)/python -m training.bench_export
 
 clean:
 	rm -rf $(VENV) runs data

@@ -149,8 +149,11 @@ def _linear(g: _Builder, x: str, linear: torch.nn.Linear) -> str:
     return g.op("Add", [g.op("MatMul", [x, g.const(linear.weight.t())]), g.const(linear.bias)])
 
 
-def build_graph(model: torch.nn.Module, name: str = "recur") -> onnx.ModelProto:
-    """The ONNX model of a trained RecurrentLM, RecurrentTagger or RecurrentClassifier."""
+def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> onnx.ModelProto:
+    """The ONNX model of a trained RecurrentLM, RecurrentTagger or RecurrentClassifier.
+
+    `stack_fn` replaces the Loop-based recurrence; the export benchmark passes one built
+    on ONNX's fused RNN/LSTM/GRU operators, for comparison only."""
     model = model.eval()
     stack: RecurrentStack = model.stack
     layers, state_size = stack.num_layers, stack.state_size
@@ -166,7 +169,7 @@ def build_graph(model: torch.nn.Module, name: str = "recur") -> onnx.ModelProto:
     steps = g.op("Gather", [shape, g.const(1, dtype=np.int64)], axis=0)
     tokens_tm = g.op("Transpose", ["tokens"], perm=[1, 0])
     embedded = g.op("Gather", [g.const(model.embedding.weight), tokens_tm], axis=0)  # [T,B,D]
-    out, forward_finals, backward_finals = _stack(
+    out, forward_finals, backward_finals = (stack_fn or _stack)(
         g, stack, embedded, "lengths", "state" if incremental else None, steps, batch)
     outputs = []
     if isinstance(model, RecurrentLM):

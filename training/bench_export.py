@@ -1,0 +1,212 @@
+"""`make bench-export`: the exported Loop graph against torch eager and ONNX's fused
+RNN/LSTM/GRU operators (same weights, built here only for comparison), with ONNX
+Runtime's own MatMul rate for the output projection's shape measured in the same run.
+
+Results go to bench/export.json and the README table between the bench-export markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper
+
+from training.bench import README, REPO
+from training.export.graph import _Builder, build_graph
+from training.models.language_model import RecurrentLM
+
+RESULTS = REPO / "bench" / "export.json"
+START, END = "<!-- bench-export:start -->", "<!-- bench-export:end -->"
+VOCAB, LAYERS, SCORE_SHAPE = 10_000, 2, (32, 256)
+ONNX_GATES = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2]}  # ours (i,f,g,o)/(r,z,n) -> ONNX order
+
+
+def _fused_op_stack(g: _Builder, stack, x, lengths, state, steps, batch):
+    """The recurrence as ONNX's fused RNN / LSTM / GRU operators, one per layer."""
+    lengths32 = g.op("Cast", [lengths], to=onnx.TensorProto.INT32)
+    finals = []
+    for index, layer in enumerate(stack.forward_layers):
+        h = layer.hidden_size
+        order = ONNX_GATES.get(layer.cell, [0])
+
+        def gates(t, order=order, h=h):
+            """Reorders gate blocks along the first axis into ONNX's order."""
+            return t.view(len(order), h, -1)[order].reshape(t.shape)
+
+        w, r = gates(layer.weight_ih)[None], gates(layer.weight_hh)[None]
+        recurrent_bias = torch.zeros_like(layer.bias)
+        if layer.cell == "gru":
+            recurrent_bias[2 * h:] = layer.bias_hn
+        b = torch.cat([gates(layer.bias), gates(recurrent_bias)])[None]
+        layer_state = g.op("Gather", [state, g.const(index, dtype=np.int64)], axis=0)
+        axis0 = g.const([0], dtype=np.int64)
+        if layer.cell == "lstm":
+            h0, c0 = g.op("Split", [layer_state], 2, axis=1)
+            y, y_h, y_c = g.op("LSTM", [x, g.const(w), g.const(r), g.const(b), lengths32,
+                                        g.op("Unsqueeze", [h0, axis0]),
+                                        g.op("Unsqueeze", [c0, axis0])], 3, hidden_size=h)
+            final = g.op("Concat", [g.op("Squeeze", [y_h, axis0]),
+                                    g.op("Squeeze", [y_c, axis0])], axis=1)
+        else:
+            op, attrs = ("GRU", {"linear_before_reset": 1}) if layer.cell == "gru" else (
+                "RNN", {"activations": ["Tanh" if layer.cell == "elman_tanh" else "Relu"]})
+            y, y_h = g.op(op, [x, g.const(w), g.const(r), g.const(b), lengths32,
+                               g.op("Unsqueeze", [layer_state, axis0])], 2, hidden_size=h,
+                          **attrs)
+            final = g.op("Squeeze", [y_h, axis0])
+        x = g.op("Squeeze", [y, g.const([1], dtype=np.int64)])
+        finals.append(final)
+    return x, finals, []
+
+
+def _session(model_proto, threads):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(model_proto.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def _feeds(model, batch, steps, rng):
+    tokens = rng.integers(0, VOCAB, (batch, steps))
+    return {"tokens": tokens, "lengths": np.full(batch, steps, np.int64),
+            "state": np.zeros((LAYERS, batch, model.stack.state_size), np.float32),
+            "targets": rng.integers(0, VOCAB, (batch, steps))}
+
+
+def _torch_call(model, feeds):
+    tokens = torch.from_numpy(feeds["tokens"])
+    state = torch.from_numpy(feeds["state"])
+    targets = torch.from_numpy(feeds["targets"])
+
+    def run():
+        with torch.inference_mode():
+            logits, _ = model(tokens, state)
+            logprobs = torch.log_softmax(logits, -1)
+            return logprobs.gather(2, targets[..., None]), logprobs[:, -1]
+
+    return run
+
+
+def matmul_rate(hidden: int, threads: int) -> float:
+    """ONNX Runtime's float32 GFLOP/s for [B*T, H] x [H, V]."""
+    g = _Builder()
+    weight = g.const(np.random.default_rng(0).standard_normal((hidden, VOCAB)) * 0.01)
+    g.op("MatMul", ["x", weight], ["y"])
+    graph = helper.make_graph(g.nodes, "matmul",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                             [None, hidden])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
+                                                             [None, VOCAB])], g.initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    session = _session(proto, threads)
+    rows = SCORE_SHAPE[0] * SCORE_SHAPE[1]
+    x = np.random.default_rng(1).standard_normal((rows, hidden)).astype(np.float32)
+    ms = _median_ms(lambda: session.run(None, {"x": x}), 5)
+    return 2 * rows * hidden * VOCAB / (ms / 1000) / 1e9
+
+
+def flops_per_token(model) -> int:
+    total = 0
+    for layer in model.stack.forward_layers:
+        total += layer.weight_ih.numel() + layer.weight_hh.numel()
+    return 2 * (total + model.output.weight.numel())
+
+
+def bench_one(cell: str, hidden: int, threads: int, rate: float) -> dict:
+    torch.manual_seed(0)
+    model = RecurrentLM(VOCAB, cell, hidden, hidden, LAYERS).eval()
+    sessions = {"loop": _session(build_graph(model), threads),
+                "fused_op": _session(build_graph(model, stack_fn=_fused_op_stack), threads)}
+    rng = np.random.default_rng(0)
+    check = _feeds(model, 3, 9, rng)
+    expected = _torch_call(model, check)()[0][..., 0].numpy()
+    result = {"cell": cell, "hidden": hidden}
+    for name, session in sessions.items():
+        diff = np.abs(session.run(["token_logprobs"], check)[0] - expected).max()
+        result[f"{name}_max_abs_diff_vs_torch"] = float(diff)
+    flops = flops_per_token(model)
+    for label, (batch, steps, repeat) in {"step_b1_ms": (1, 1, 200), "step_b32_ms": (32, 1, 100),
+                                          "score_ms": (*SCORE_SHAPE, 5)}.items():
+        feeds = _feeds(model, batch, steps, rng)
+        runs = {"torch_eager": _torch_call(model, feeds)}
+        for name, session in sessions.items():
+            runs[name] = (lambda s=session, f=feeds: s.run(None, f))
+        for name, fn in runs.items():
+            result.setdefault(name, {})[label] = round(_median_ms(fn, repeat), 3)
+    tokens = SCORE_SHAPE[0] * SCORE_SHAPE[1]
+    for name in ("loop", "fused_op", "torch_eager"):
+        seconds = result[name]["score_ms"] / 1000
+        result[name]["score_tokens_per_s"] = round(tokens / seconds)
+        result[name]["score_fraction_of_matmul_rate"] = round(
+            flops * tokens / seconds / 1e9 / rate, 3)
+    result["loop_vs_fused_op_scoring"] = round(
+        result["fused_op"]["score_ms"] / result["loop"]["score_ms"], 3)
+    result["loop_vs_torch_step_b1"] = round(
+        result["torch_eager"]["step_b1_ms"] / result["loop"]["step_b1_ms"], 2)
+    return result
+
+
+def update_readme(report: dict) -> None:
+    rows = ["| cell | H | variant | step B=1 ms | step B=32 ms | score 32x256 ms | tokens/s | "
+            "of MatMul rate |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        for name in ("loop", "fused_op", "torch_eager"):
+            v = r[name]
+            rows.append(f"| {r['cell']} | {r['hidden']} | {name} | {v['step_b1_ms']} | "
+                        f"{v['step_b32_ms']} | {v['score_ms']} | {v['score_tokens_per_s']} | "
+                        f"{100 * v['score_fraction_of_matmul_rate']:.0f}% |")
+    rates = ", ".join(f"H={h}: {r:.0f} GFLOP/s" for h, r in report["matmul_gflops"].items())
+    rows.append("")
+    rows.append(f"ONNX Runtime MatMul [8192,H]x[H,10000] in the same run: {rates}. "
+                f"{report['machine']}, {report['date']}.")
+    text = README.read_text()
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        README.write_text(before + START + "\n" + "\n".join(rows) + "\n" + END
+                          + rest.split(END, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cells", default="elman_tanh,lstm,gru")
+    parser.add_argument("--hidden", default="256,650")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [int(h) for h in args.hidden.split(",")]
+    rates = {h: matmul_rate(h, args.threads) for h in sizes}
+    results = [bench_one(cell, h, args.threads, rates[h])
+               for cell in args.cells.split(",") for h in sizes]
+    report = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads,"
+                         f" onnxruntime {ort.__version__}, torch {torch.__version__}",
+              "matmul_gflops": {h: round(r, 1) for h, r in rates.items()}, "results": results}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    update_readme(report)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
