@@ -15,6 +15,7 @@ times faster on the CPU and use cuDNN on a GPU. Tests check that they agree.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -87,6 +88,13 @@ class RecurrentLayer(nn.Module):
         flags = (True, 1, 0.0, self.training, False)  # biases, layers, dropout, train, bidir
         args = (x,) if batch_sizes is None else (x, batch_sizes)
         tail = flags + ((True,) if batch_sizes is None else ())  # batch_first
+        if x.is_cuda:  # cuDNN copies our separate weight tensors into its own buffer each call
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="RNN module weights are not part")
+                return self._kernel(args, state, weights, tail)
+        return self._kernel(args, state, weights, tail)
+
+    def _kernel(self, args, state, weights, tail):
         if self.cell == "lstm":
             h, c = state.chunk(2, dim=1)
             out, h_n, c_n = torch.lstm(*args, (h[None].contiguous(), c[None].contiguous()),
