@@ -93,7 +93,9 @@ def run(recipe: str, minutes: float | None, overrides: list[str]) -> dict:
     _, task, model = load_run(run_dir)
     result["test"] = task.evaluate(model, "test", device_of(config))
     result["valid"] = summary["valid"]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = run_dir / "metrics.jsonl"  # count-based models have no training steps
+    records = ([json.loads(line) for line in metrics.read_text().splitlines()]
+               if metrics.exists() else [])
     rates = [r["tokens_per_s"] for r in records if r["split"] == "train"]
     result.update(epochs=max((r["epoch"] for r in records if r["split"] == "valid"), default=0),
                   steps=summary["steps"], train_tokens=summary["tokens"],

@@ -59,7 +59,7 @@ class ModelConfig:
     pooling: str = "final"
     window: int = 5  # ffnn context size
     order: int = 5  # kn n-gram order
-    discount: float = 0.75  # kn absolute discount
+    discount: float = 0.0  # kn: one absolute discount, or 0 for modified Kneser-Ney
 
 
 @dataclass
@@ -200,7 +200,8 @@ def validate(config: Config) -> None:
         (m.layers >= 1 and m.hidden_size >= 1 and m.embedding_size >= 1, "model.layers",
          "layers, hidden_size and embedding_size must be >= 1"),
         (2 <= m.order <= 5, "model.order", "must be between 2 and 5"),
-        (0.0 < m.discount < 1.0, "model.discount", "must be in (0, 1)"),
+        (0.0 <= m.discount < 1.0, "model.discount",
+         "must be in [0, 1) (0: modified Kneser-Ney, discounts estimated from the counts)"),
         (m.window >= 1, "model.window", "must be >= 1"),
         (all(0.0 <= p < 1.0 for p in (m.dropout, m.dropout_input, m.dropout_output)),
          "model.dropout", "dropout probabilities must be in [0, 1)"),
