@@ -141,6 +141,11 @@ def update_readme(results: dict) -> None:
         rows.append(f"| {recipe} | {_metric(r)} | {valid:.4g} | {r['epochs']} | "
                     f"{r['wall_minutes']} | {r['median_train_tokens_per_s'] or '-'} | "
                     f"{f'{ratio:.2f}x' if ratio else '-'} | {PUBLISHED.get(recipe, '-')} |")
+    curves = [f"![{recipe}](bench/curves/{recipe}.png)" for recipe in sorted(results)
+              if (REPO / "bench" / "curves" / f"{recipe}.png").exists()]
+    if curves:
+        rows += ["", "Learning curves (training and validation against training tokens seen):", ""]
+        rows += curves
     text = README.read_text()
     if START in text and END in text:
         before, rest = text.split(START, 1)
