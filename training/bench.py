@@ -97,7 +97,7 @@ def run(recipe: str, minutes: float | None, overrides: list[str]) -> dict:
     records = ([json.loads(line) for line in metrics.read_text().splitlines()]
                if metrics.exists() else [])
     rates = [r["tokens_per_s"] for r in records if r["split"] == "train"]
-    result.update(epochs=max((r["epoch"] for r in records if r["split"] == "valid"), default=0),
+    result.update(epochs=epochs_trained(records),
                   steps=summary["steps"], train_tokens=summary["tokens"],
                   parameters=summary.get("parameters"),
                   median_train_tokens_per_s=round(statistics.median(rates)) if rates else None)
@@ -112,6 +112,14 @@ def run(recipe: str, minutes: float | None, overrides: list[str]) -> dict:
     if (run_dir / "learning_curve.png").exists():
         shutil.copy(run_dir / "learning_curve.png", curves / f"{recipe}.png")
     return result
+
+
+def epochs_trained(records: list[dict]) -> float:
+    """Epochs as training tokens over one epoch's tokens: a time budget can stop mid-epoch."""
+    valid = [r for r in records if r["split"] == "valid"]
+    if not valid:
+        return 0.0
+    return round(valid[-1]["tokens"] / valid[0]["tokens"], 1)
 
 
 def save(result: dict) -> None:
