@@ -115,3 +115,8 @@ def test_learning_rate_schedules(synth_dir, tmp_path):
                .splitlines()]
     rates = [r["lr"] for r in records if r["split"] == "valid"]
     assert rates == [0.01, 0.01, 0.005, 0.0025]  # the rate each epoch trained with
+    # validation points sit at the training tokens seen, for the learning curve
+    seen = {r["step"]: r["tokens"] for r in records if r["split"] == "train"}
+    valid = [r for r in records if r["split"] == "valid"]
+    assert all(r["tokens"] == seen[r["step"]] for r in valid)
+    assert [r["tokens"] for r in valid] == sorted({r["tokens"] for r in valid})

@@ -221,8 +221,9 @@ def _train_record(task, progress: Progress, window: dict) -> dict:
 def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, log: MetricLog,
                   run_dir: Path, device) -> None:
     result = task.evaluate(model, "valid", device)
+    evaluated = {("eval_" + k if k in ("tokens", "examples") else k): v for k, v in result.items()}
     log.write({"split": "valid", "step": progress.step, "epoch": progress.epoch,
-               "tokens": progress.tokens, "lr": progress.lr, **result})
+               "tokens": progress.tokens, "lr": progress.lr, **evaluated})
     value = result[task.metric]
     improved = progress.best is None or (value > progress.best if task.higher_is_better
                                          else value < progress.best)
