@@ -146,8 +146,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bo
                 total = min(total, DRY_RUN_BATCHES)
             if progress.index == 0:
                 task.start_epoch()
-            window = {"loss": 0.0, "tokens": 0, "batches": 0, "norm": 0.0, "clipped": 0,
-                      "correct": 0, "counted": 0, "time": time.monotonic()}
+            window = _new_window()
             bar = tqdm(total=total, initial=progress.index, desc=f"epoch {progress.epoch + 1}",
                        dynamic_ncols=True, leave=False, disable=None)
             for index, *batch in iterate(progress.index):
@@ -179,8 +178,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bo
                     log.write(record)
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in
                                      ("loss", task.metric, "tokens_per_s") if k in record})
-                    window.update(loss=0.0, tokens=0, batches=0, norm=0.0, clipped=0, correct=0,
-                                  counted=0, time=time.monotonic())
+                    window = _new_window()
                 out_of_time = t.max_minutes > 0 and time.monotonic() - started > t.max_minutes * 60
                 if stop.requested or (t.max_steps and progress.step >= t.max_steps):
                     save_last()
@@ -201,6 +199,12 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bo
             save_last()
     log.close()
     return _finish(task, model, run_dir, device, progress)
+
+
+def _new_window() -> dict:
+    """Sums over the steps since the last logged training record."""
+    return {"loss": 0.0, "tokens": 0, "batches": 0, "norm": 0.0, "clipped": 0, "correct": 0,
+            "counted": 0, "time": time.monotonic()}
 
 
 def _train_record(task, progress: Progress, window: dict) -> dict:

@@ -19,6 +19,23 @@ class ExportError(ValueError):
     pass
 
 
+def model_metadata(model, graph: onnx.ModelProto) -> dict:
+    """What an artifact says about the network itself, read off the model and its graph."""
+    stack = model.stack
+    h0 = None
+    if stack.forward_layers[0].h0 is not None and not stack.bidirectional:
+        h0 = [layer.h0.detach().tolist() for layer in stack.forward_layers]
+    return {
+        "cell": stack.cell, "layers": stack.num_layers,
+        "embedding_size": model.embedding.weight.shape[1], "hidden_size": stack.hidden_size,
+        "state_size": stack.state_size, "bidirectional": stack.bidirectional,
+        "state_layout": "[layers, batch, state_size]; LSTM packs [h ; c], so state_size = 2H",
+        "initial_state": h0,
+        "inputs": [i.name for i in graph.graph.input],
+        "outputs": [o.name for o in graph.graph.output], "opset": OPSET,
+    }
+
+
 def export_run(run_dir: str | Path, out: str | Path) -> dict:
     """Builds the graph, checks it, verifies it against torch through the serving runtime,
     and only then publishes REPO/NAME/VERSION. Returns the artifact's metadata."""
@@ -29,25 +46,15 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
                           "recurrence; only recurrent models are exported")
     graph = build_graph(model, name=Path(out).parent.name or "recur")
     onnx.checker.check_model(graph, full_check=True)
-    stack = model.stack
-    h0 = None
-    if config.model.learn_h0 and not stack.bidirectional:
-        h0 = [layer.h0.detach().tolist() for layer in stack.forward_layers]
     summary = run_dir / "summary.json"
     vocab = task.vocab
     metadata = {
-        "task": config.data.task, "cell": config.model.cell, "layers": stack.num_layers,
-        "embedding_size": config.model.embedding_size, "hidden_size": stack.hidden_size,
-        "state_size": stack.state_size, "bidirectional": stack.bidirectional,
+        **model_metadata(model, graph), "task": config.data.task,
         "pooling": config.model.pooling if config.data.task == "classify" else None,
         "tied": config.model.tie_weights, "vocab_size": len(vocab),
         "num_labels": len(task.labels) if task.labels is not None else None,
-        "state_layout": "[layers, batch, state_size]; LSTM packs [h ; c], so state_size = 2H",
-        "initial_state": h0,
         "special_tokens": {"eos": vocab.eos_id, "unk": vocab.unk_id, "pad": vocab.pad_id},
-        "inputs": [i.name for i in graph.graph.input],
-        "outputs": [o.name for o in graph.graph.output],
-        "opset": OPSET, "training_config": config.to_dict(),
+        "training_config": config.to_dict(),
         "validation": (json.loads(summary.read_text())["valid"]
                        if summary.exists() else None),
         "source_run": str(run_dir.resolve()),
