@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 RECIPE ?= ptb-lstm
 
-.PHONY: install test lint demo bench bench-train bench-export clean
+.PHONY: install proto test lint demo bench bench-train bench-export bench-serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +15,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Regenerates serving/proto_gen from protos/ (tests/test_proto.py fails when it is stale).
+proto: install
+	$(BIN)/python protos/generate.py
+
 lint: install
 	$(BIN)/ruff check .
 
 test: install lint
 	$(BIN)/pytest
 
-# The main job end to end on the generated corpus: data, four models, evaluation, samples.
+# The main job end to end on the generated corpus: data, four models, evaluation, samples,
+# export, then the server: every service called through the command line.
 demo: install
 	mkdir -p runs
 	$(BIN)/recur data synth --out data/synth
@@ -39,8 +44,9 @@ demo: install
 	@for task in lm pos ner cls; do \
 	  $(BIN)/recur export runs/demo-$$task --out runs/models/demo-$$task/1 || exit 1; \
 	done
+	$(BIN)/python -m serving.demo runs/models data/synth
 
-bench: bench-export bench-train
+bench: bench-export bench-serve bench-train
 
 # One recipe per run (long: needs an otherwise idle machine); results merged into bench/results.json.
 bench-train: install
@@ -49,6 +55,10 @@ bench-train: install
 # The exported Loop graph against torch eager and ONNX's fused RNN operators (a few minutes).
 bench-export: install
 	$(BIN)/python -m training.bench_export
+
+# The gRPC server against the runtime in process (a few minutes): latency, batching, streams.
+bench-serve: install
+	$(BIN)/python -m training.bench_serve
 
 clean:
 	rm -rf $(VENV) runs data

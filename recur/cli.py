@@ -13,6 +13,13 @@ COMMANDS = {
     "generate": ("training.cli", "generate_command", "sample text from a language model"),
     "data": ("training.cli", "data_command", "write the generated corpus (recur data synth)"),
     "export": ("training.cli", "export_command", "export a run as a verified ONNX artifact"),
+    "serve": ("serving.cli", "serve_command", "serve a model repository over gRPC"),
+    "complete": ("serving.cli", "complete_command", "stream a completion from a server"),
+    "score": ("serving.cli", "score_command", "perplexity of a file, scored by a server"),
+    "tag": ("serving.cli", "tag_command", "tag texts with a served tagger"),
+    "classify": ("serving.cli", "classify_command", "classify texts with a served classifier"),
+    "session": ("serving.cli", "session_command", "interactive incremental scoring session"),
+    "models": ("serving.cli", "models_command", "list the models a server serves"),
 }
 
 

@@ -31,22 +31,34 @@ def make_rng(seed: int, sample_index: int = 0) -> np.random.Generator:
 
 
 def sample_next(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Draw one token id from a [V] vector of log-probabilities."""
+    """Draw one token id from a [V] vector of log-probabilities, with one uniform draw.
+
+    Only top-p needs the candidates sorted (by log-prob, ties by id); otherwise they stay in
+    vocabulary order and top-k uses a partial partition, so plain sampling over a large
+    vocabulary costs O(V), not O(V log V)."""
     logits = np.asarray(logprobs, dtype=np.float64)
     if params.temperature == 0.0:
         return int(np.argmax(logits))
     logits = logits / params.temperature
-    order = np.argsort(-logits, kind="stable")
-    if params.top_k > 0:
-        order = order[: params.top_k]
-    kept = logits[order]
-    probs = np.exp(kept - kept.max())
-    probs /= probs.sum()
+    if 0 < params.top_k < len(logits):
+        # the k largest, ties broken by the lower id
+        kth = np.partition(logits, len(logits) - params.top_k)[len(logits) - params.top_k]
+        above = np.flatnonzero(logits > kth)
+        ties = np.flatnonzero(logits == kth)[: params.top_k - len(above)]
+        candidates = np.concatenate([above, ties])
+    else:
+        candidates = np.arange(len(logits))
     if params.top_p < 1.0:
-        cumulative = np.cumsum(probs)
+        candidates = candidates[np.lexsort((candidates, -logits[candidates]))]
+    else:
+        candidates = np.sort(candidates)
+    kept = logits[candidates]
+    probs = np.exp(kept - kept.max())
+    cumulative = np.cumsum(probs)
+    if params.top_p < 1.0:
         # keep the smallest prefix whose mass reaches top_p (at least one token)
-        cutoff = int(np.searchsorted(cumulative, params.top_p, side="left")) + 1
-        probs = probs[:cutoff] / cumulative[min(cutoff, len(cumulative)) - 1]
-        order = order[:cutoff]
-    choice = int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right"))
-    return int(order[min(choice, len(order) - 1)])
+        cutoff = int(np.searchsorted(cumulative / cumulative[-1], params.top_p, side="left")) + 1
+        cumulative = cumulative[:cutoff]
+        candidates = candidates[:cutoff]
+    choice = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return int(candidates[min(choice, len(candidates) - 1)])

@@ -19,5 +19,6 @@ def save_model(model, out: Path, vocab: Vocabulary | None = None) -> Path:
     task = "lm" if is_lm else ("tag" if "Tagger" in type(model).__name__ else "classify")
     metadata = {**model_metadata(model, graph), "task": task, "vocab_size": len(vocab),
                 "num_labels": None if labels is None else len(labels),
+                "pooling": getattr(model, "pooling", None),
                 "special_tokens": {"eos": vocab.eos_id, "unk": vocab.unk_id}}
     return write_artifact(out, graph.SerializeToString(), vocab, labels, metadata)

@@ -1,0 +1,237 @@
+"""`recur serve | complete | score | tag | classify | session | models`: the serving side's
+commands. They need only the `serve` (or `serve-cpu`) extra: no torch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def serve_command(argv: list[str]) -> int:
+    from serving import config as server_config
+
+    parser = argparse.ArgumentParser(
+        prog="recur serve", description="Serve a model repository over gRPC. Every option is "
+        "also an environment variable (RECUR_<OPTION>, e.g. RECUR_MAX_BATCH_SIZE) and a key of "
+        "the --config TOML file; flags win over the environment, which wins over the file.")
+    server_config.add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = server_config.from_arguments(args)
+    except (ValueError, OSError) as error:
+        print(f"recur serve: configuration error: {error}", file=sys.stderr)
+        return 2
+    from serving.artifact import ArtifactError
+    from serving.runtime import DeviceUnavailable
+    from serving.server import serve
+
+    try:
+        asyncio.run(serve(config))
+    except (ArtifactError, DeviceUnavailable, FileNotFoundError, OSError) as error:
+        print(f"recur serve: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _client_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--server", default=DEFAULT_TARGET, help="host:port of recur serve")
+    parser.add_argument("--model", required=True, help="model name in the repository")
+    parser.add_argument("--version", type=int, default=0, help="model version (0: latest)")
+    return parser
+
+
+def _run_client(function, args) -> int:
+    from serving.client import RecurClient
+
+    try:
+        with RecurClient(args.server) as client:
+            return function(client, args) or 0
+    except grpc.RpcError as error:
+        print(f"{error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+
+
+def complete_command(argv: list[str]) -> int:
+    parser = _client_parser("recur complete", "Stream a completion of a prompt.")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-tokens", type=int, default=0, help="0: the server's default")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("-n", type=int, default=1, help="number of samples")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    args = parser.parse_args(argv)
+
+    def run(client, args):
+        for event in client.complete(args.prompt, args.model, args.version, args.max_tokens,
+                                     args.temperature, args.top_k, args.top_p, args.seed,
+                                     args.n, args.stop):
+            if event.finish_reason:
+                print(f"[{event.index}] {args.prompt} {event.text}".strip()
+                      + f"  ({_finish_name(event.finish_reason)})", flush=True)
+        return 0
+
+    return _run_client(run, args)
+
+
+def _finish_name(reason: int) -> str:
+    from serving.proto_gen.recur.v1 import recur_pb2 as pb
+
+    return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+def score_command(argv: list[str]) -> int:
+    parser = _client_parser("recur score", "Perplexity of a file, one sentence per line, "
+                            "streamed to the server (ScoreStream).")
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--no-eos", action="store_true", help="do not score each line's <eos>")
+    parser.add_argument("--output", type=Path, help="write per-line JSON results here")
+    parser.add_argument("--lines-per-message", type=int, default=64,
+                        help="sentences sent in one stream message (default 64)")
+    args = parser.parse_args(argv)
+    if args.lines_per_message < 1:
+        print("recur score: --lines-per-message must be >= 1", file=sys.stderr)
+        return 2
+    if not args.file.exists():
+        print(f"recur score: {args.file}: no such file", file=sys.stderr)
+        return 2
+
+    def groups():
+        """(first line number, lines) in groups of --lines-per-message."""
+        with args.file.open() as lines:
+            group, first = [], 0
+            for number, line in enumerate(lines):
+                if not group:
+                    first = number
+                group.append(line.rstrip("\n"))
+                if len(group) == args.lines_per_message:
+                    yield str(first), group
+                    group = []
+            if group:
+                yield str(first), group
+
+    def run(client, args):
+        with args.file.open() as f:
+            lines = sum(1 for _ in f)
+        total, tokens, unknown, done = 0.0, 0, 0, 0
+        started = last = time.perf_counter()
+        out = args.output.open("w") if args.output else None
+        for result in client.score_stream(groups(), args.model, args.version, not args.no_eos):
+            for offset, score in enumerate(result.scores):
+                total, tokens = total + score.total_logprob, tokens + score.token_count
+                unknown, done = unknown + score.unknown_count, done + 1
+                if out:
+                    out.write(json.dumps({"line": int(result.id) + offset,
+                                          "logprob": score.total_logprob,
+                                          "tokens": score.token_count}) + "\n")
+            if (now := time.perf_counter()) - last > 0.5 or done == lines:
+                last = now
+                print(f"\r{done}/{lines} lines, {tokens / (now - started):,.0f} tokens/s, "
+                      f"perplexity so far {_ppl(total, tokens):.2f}", end="", file=sys.stderr)
+        print(file=sys.stderr)
+        if out:
+            out.close()
+        print(json.dumps({"file": str(args.file), "lines": done, "tokens": tokens,
+                          "unknown": unknown, "logprob": total,
+                          "perplexity": _ppl(total, tokens)}))
+        return 0
+
+    return _run_client(run, args)
+
+
+def _ppl(total: float, tokens: int) -> float:
+    import math
+
+    return math.exp(-total / tokens) if tokens else float("nan")
+
+
+def tag_command(argv: list[str]) -> int:
+    parser = _client_parser("recur tag", "Tag texts (arguments, or lines of stdin).")
+    parser.add_argument("texts", nargs="*")
+    args = parser.parse_args(argv)
+
+    def run(client, args):
+        texts = args.texts or [line.strip() for line in sys.stdin if line.strip()]
+        for result in client.tag(texts, args.model, args.version):
+            print(" ".join(f"{t.token}/{t.tag}" for t in result.tokens))
+
+    return _run_client(run, args)
+
+
+def classify_command(argv: list[str]) -> int:
+    parser = _client_parser("recur classify", "Classify texts (arguments, or lines of stdin).")
+    parser.add_argument("texts", nargs="*")
+    args = parser.parse_args(argv)
+
+    def run(client, args):
+        texts = args.texts or [line.strip() for line in sys.stdin if line.strip()]
+        for text, result in zip(texts, client.classify(texts, args.model, args.version)):
+            probs = ", ".join(f"{c.label} {c.probability:.3f}" for c in result.classes)
+            print(f"{result.label}\t{text}\t({probs})")
+
+    return _run_client(run, args)
+
+
+def session_command(argv: list[str]) -> int:
+    parser = _client_parser("recur session", "Interactive session: type text, see each "
+                            "token's log-prob and the likely next words (a blank line ends).")
+    parser.add_argument("--top-k", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    def run(client, args):
+        session = client.create_session(args.model, version=args.version, top_k=args.top_k)
+        _show(session)
+        try:
+            for line in sys.stdin:
+                if not line.strip():
+                    break
+                _show(client.append(session.session_id, line.strip(), args.top_k))
+        finally:
+            client.close_session(session.session_id)
+
+    return _run_client(run, args)
+
+
+def _show(response) -> None:
+    for token in response.tokens:
+        print(f"  {token.text:<16} {token.logprob:8.3f}")
+    for tag in response.tags:
+        print(f"  {tag.token:<16} {tag.tag}")
+    if response.classes:
+        print("  classes: " + ", ".join(f"{c.label} {c.probability:.3f}"
+                                        for c in response.classes))
+    if response.next_tokens:
+        print("  next: " + ", ".join(f"{t.text} ({t.logprob:.2f})" for t in response.next_tokens))
+    sys.stdout.flush()
+
+
+def models_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recur models", description="List served models.")
+    parser.add_argument("--server", default=DEFAULT_TARGET)
+    args = parser.parse_args(argv)
+    from google.protobuf.json_format import MessageToDict
+
+    from serving.client import RecurClient
+
+    try:
+        with RecurClient(args.server) as client:
+            for info in client.list_models():
+                print(json.dumps(MessageToDict(info, preserving_proto_field_name=True)))
+    except grpc.RpcError as error:
+        print(f"{error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,117 @@
+"""A Python client for Recur's gRPC services: plain values in, plain values out.
+
+    with RecurClient("localhost:50051") as client:
+        print(client.score(["the cat sat"], model="demo-lm")[0].perplexity)
+        for event in client.complete("the old dogs", model="demo-lm", seed=1):
+            ...
+        session = client.create_session("demo-lm")
+        response = client.append(session.session_id, "the cat")
+
+The generated stubs (serving.proto_gen) are typed; this wraps the common calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+
+from serving.proto_gen.recur.v1 import recur_pb2 as pb
+from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
+
+
+def text_or_ids(item: str | Sequence[int]) -> pb.Input:
+    if isinstance(item, str):
+        return pb.Input(text=item)
+    return pb.Input(token_ids=pb.TokenIds(ids=list(item)))
+
+
+class RecurClient:
+    def __init__(self, target: str, timeout: float | None = 60.0,
+                 channel: grpc.Channel | None = None):
+        self.channel = channel or grpc.insecure_channel(target)
+        self.timeout = timeout
+        self.language_model = pb_grpc.LanguageModelStub(self.channel)
+        self.tagger = pb_grpc.TaggerStub(self.channel)
+        self.classifier = pb_grpc.ClassifierStub(self.channel)
+        self.models = pb_grpc.ModelsStub(self.channel)
+
+    def __enter__(self) -> RecurClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+
+    def score(self, items: Sequence[str | Sequence[int]], model: str, version: int = 0,
+              add_eos: bool = True) -> list[pb.SequenceScore]:
+        request = pb.ScoreRequest(model=pb.ModelRef(name=model, version=version),
+                                  inputs=[text_or_ids(i) for i in items], add_eos=add_eos)
+        return list(self.language_model.Score(request, timeout=self.timeout).scores)
+
+    def score_stream(self, items: Iterable[tuple[str, Sequence[str | Sequence[int]]]],
+                     model: str, version: int = 0, add_eos: bool = True,
+                     timeout: float | None = None) -> Iterator[pb.ScoreStreamResponse]:
+        """(id, sequences) pairs in, one result per pair out, in the same order. Several
+        sequences per message go faster; the input iterable is consumed only as fast as
+        the server takes it."""
+        ref = pb.ModelRef(name=model, version=version)
+        requests = (pb.ScoreStreamRequest(id=str(key), model=ref,
+                                          inputs=[text_or_ids(s) for s in group],
+                                          add_eos=add_eos) for key, group in items)
+        return self.language_model.ScoreStream(requests, timeout=timeout)
+
+    def complete(self, prompt: str | Sequence[int], model: str, version: int = 0,
+                 max_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, n: int = 1,
+                 stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+                 timeout: float | None = None) -> Iterator[pb.CompleteResponse]:
+        request = pb.CompleteRequest(
+            model=pb.ModelRef(name=model, version=version), prompt=text_or_ids(prompt),
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
+            stop=list(stop), stop_token_ids=list(stop_token_ids))
+        if seed is not None:
+            request.seed = seed
+        return self.language_model.Complete(request, timeout=timeout or self.timeout)
+
+    def complete_text(self, prompt: str, model: str, **kwargs) -> list[str]:
+        """The finished texts of all samples, by sample index."""
+        texts: dict[int, str] = {}
+        for event in self.complete(prompt, model, **kwargs):
+            if event.finish_reason:
+                texts[event.index] = event.text
+        return [texts[i] for i in sorted(texts)]
+
+    def create_session(self, model: str, prefix: str | Sequence[int] | None = None,
+                       version: int = 0, top_k: int = 0) -> pb.SessionResponse:
+        request = pb.CreateSessionRequest(model=pb.ModelRef(name=model, version=version),
+                                          top_k=top_k)
+        if prefix is not None:
+            request.prefix.CopyFrom(text_or_ids(prefix))
+        return self.language_model.CreateSession(request, timeout=self.timeout)
+
+    def append(self, session_id: str, item: str | Sequence[int],
+               top_k: int = 0) -> pb.SessionResponse:
+        request = pb.AppendRequest(session_id=session_id, input=text_or_ids(item), top_k=top_k)
+        return self.language_model.Append(request, timeout=self.timeout)
+
+    def close_session(self, session_id: str) -> None:
+        self.language_model.CloseSession(pb.CloseSessionRequest(session_id=session_id),
+                                         timeout=self.timeout)
+
+    def tag(self, texts: Sequence[str | Sequence[int]], model: str,
+            version: int = 0) -> list[pb.TaggedSequence]:
+        request = pb.TagRequest(model=pb.ModelRef(name=model, version=version),
+                                inputs=[text_or_ids(t) for t in texts])
+        return list(self.tagger.Tag(request, timeout=self.timeout).results)
+
+    def classify(self, texts: Sequence[str | Sequence[int]], model: str,
+                 version: int = 0) -> list[pb.Classification]:
+        request = pb.ClassifyRequest(model=pb.ModelRef(name=model, version=version),
+                                     inputs=[text_or_ids(t) for t in texts])
+        return list(self.classifier.Classify(request, timeout=self.timeout).results)

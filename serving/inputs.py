@@ -1,0 +1,49 @@
+"""Request inputs (text or token ids) to token ids, checked against the model and limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.errors import invalid, limit_exceeded
+from serving.proto_gen.recur.v1 import recur_pb2 as pb
+from serving.tokenizer import UNK, Vocabulary
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray  # int64 [n]
+    words: list[str]  # the input's own tokens (before mapping to <unk>)
+    unknown: int  # words mapped to <unk>
+
+
+def encode(message: pb.Input, vocab: Vocabulary, field: str, max_tokens: int,
+           allow_empty: bool = False, optional: bool = False) -> Encoded:
+    """`allow_empty`: an empty text or id list is fine; `optional`: so is an unset input."""
+    kind = message.WhichOneof("content")
+    if kind is None:
+        if optional:
+            return Encoded(np.zeros(0, np.int64), [], 0)
+        raise invalid(field, "set text or token_ids")
+    if kind == "text":
+        words = vocab.normalization.tokenize(message.text)
+        try:
+            ids = np.array(vocab.encode_tokens(words), np.int64)
+        except KeyError as error:  # a vocabulary without <unk>, such as some char models
+            raise invalid(f"{field}.text", str(error.args[0])) from None
+        unk = vocab.unk_id
+        unknown = sum(1 for w, i in zip(words, ids) if i == unk and w != UNK)
+    else:
+        ids = np.array(message.token_ids.ids, np.int64)
+        bad = np.flatnonzero((ids < 0) | (ids >= len(vocab)))
+        if bad.size:
+            raise invalid(f"{field}.token_ids.ids[{bad[0]}]",
+                          f"token id {ids[bad[0]]} is out of range [0, {len(vocab)})")
+        words = [vocab.tokens[i] for i in ids]
+        unknown = 0
+    if len(ids) == 0 and not allow_empty:
+        raise invalid(field, f"empty {kind.replace('_', ' ')}: nothing to read")
+    if len(ids) > max_tokens:
+        raise limit_exceeded("max_tokens_per_sequence", len(ids), max_tokens, field)
+    return Encoded(ids, words, unknown)

@@ -1,0 +1,356 @@
+"""recur.v1.LanguageModel: Score, ScoreStream, Complete and the session calls."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+
+import numpy as np
+
+from serving import operations
+from serving.config import ServerConfig
+from serving.errors import invalid, limit_exceeded
+from serving.inputs import Encoded, encode
+from serving.metrics import Metrics
+from serving.proto_gen.recur.v1 import recur_pb2 as pb
+from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
+from serving.repository import LoadedModel, ModelRepository
+from serving.sampler import SamplingParams, make_rng, sample_next
+from serving.services import gather, model_ref, rpc, shutting_down, until_closing
+from serving.sessions import Session, SessionStore
+
+SERVICE = "LanguageModel"
+
+
+class LanguageModelService(pb_grpc.LanguageModelServicer):
+    def __init__(self, repository: ModelRepository, sessions: SessionStore,
+                 config: ServerConfig, metrics: Metrics, closing: asyncio.Event):
+        self.repository, self.sessions, self.config = repository, sessions, config
+        self.metrics, self.closing = metrics, closing
+
+    # -- scoring --------------------------------------------------------------------------
+    @rpc(SERVICE)
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        model = self.repository.get(request.model.name, request.model.version, "lm")
+        count = len(request.inputs)
+        if count == 0:
+            raise invalid("inputs", "at least one sequence is required")
+        if count > self.config.max_sequences_per_request:
+            raise limit_exceeded("max_sequences_per_request", count,
+                                 self.config.max_sequences_per_request, "inputs")
+        add_eos = request.add_eos if request.HasField("add_eos") else True
+        encoded = [self._encode(model, item, f"inputs[{i}]", add_eos)
+                   for i, item in enumerate(request.inputs)]
+        model.batcher.reserve(count)
+        scores = await gather(*(self._score(model, e, add_eos) for e in encoded))
+        return pb.ScoreResponse(scores=scores, model=model_ref(model))
+
+    @rpc(SERVICE)
+    async def ScoreStream(self, requests, context) -> None:
+        """Reads a message only while fewer than `stream_window` sequences are outstanding:
+        beyond that, HTTP/2 flow control holds the client back, so memory stays bounded."""
+        window = _Window(self.config.stream_window)
+        ordered: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> None:
+            async for request in until_closing(requests, self.closing):
+                field = f"request {request.id!r}"
+                model = self.repository.get(request.model.name, request.model.version, "lm",
+                                            f"{field}: model")
+                count = len(request.inputs)
+                if count == 0:
+                    raise invalid(f"{field}: inputs", "at least one sequence is required")
+                if count > self.config.max_sequences_per_request:
+                    raise limit_exceeded("max_sequences_per_request", count,
+                                         self.config.max_sequences_per_request, f"{field}: inputs")
+                add_eos = request.add_eos if request.HasField("add_eos") else True
+                encoded = [self._encode(model, item, f"{field}: inputs[{i}]", add_eos)
+                           for i, item in enumerate(request.inputs)]
+                await window.acquire(count)
+                await model.batcher.wait_for_room(count)
+                work = asyncio.ensure_future(gather(*(self._score(model, e, add_eos)
+                                                      for e in encoded)))
+                ordered.put_nowait((request.id, count, work))
+            ordered.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                head = asyncio.ensure_future(ordered.get())
+                if not reader.done():
+                    await asyncio.wait({head, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if reader.done() and reader.exception() is not None:
+                    head.cancel()
+                    reader.result()  # a bad message ends the stream with its status
+                if (item := await head) is None:
+                    break
+                request_id, count, work = item
+                await context.write(pb.ScoreStreamResponse(id=request_id, scores=await work))
+                window.release(count)
+        finally:
+            reader.cancel()
+            while not ordered.empty():
+                if (item := ordered.get_nowait()) is not None:
+                    item[2].cancel()
+
+    def _encode(self, model: LoadedModel, message: pb.Input, field: str,
+                add_eos: bool) -> Encoded:
+        # With add_eos an empty text is a sentence too: only its <eos> is scored.
+        return encode(message, model.runtime.vocab, field, self.config.max_tokens_per_sequence,
+                      allow_empty=add_eos)
+
+    async def _score(self, model: LoadedModel, encoded: Encoded,
+                     add_eos: bool) -> pb.SequenceScore:
+        vocab = model.runtime.vocab
+        ids, words = encoded.ids, list(encoded.words)
+        if add_eos:
+            ids, words = np.append(ids, vocab.eos_id), words + [vocab.tokens[vocab.eos_id]]
+        logprobs = await operations.score(model, ids, self.config.chunk_tokens)
+        self.metrics.tokens.labels(model.label, "scored").inc(len(ids))
+        total = float(np.sum(logprobs, dtype=np.float64))
+        return pb.SequenceScore(
+            tokens=[pb.Token(id=int(i), text=w, logprob=float(lp))
+                    for i, w, lp in zip(ids, words, logprobs)],
+            total_logprob=total, token_count=len(ids),
+            perplexity=math.exp(-total / len(ids)), unknown_count=encoded.unknown)
+
+    # -- completion -----------------------------------------------------------------------
+    @rpc(SERVICE)
+    async def Complete(self, request: pb.CompleteRequest, context) -> None:
+        started = time.perf_counter()
+        model = self.repository.get(request.model.name, request.model.version, "lm")
+        vocab, config = model.runtime.vocab, self.config
+        params = _sampling_params(request)
+        max_tokens = request.max_tokens or config.default_completion_tokens
+        if request.max_tokens < 0:
+            raise invalid("max_tokens", f"must be >= 0, got {request.max_tokens}")
+        if max_tokens > config.max_completion_tokens:
+            raise limit_exceeded("max_completion_tokens", max_tokens,
+                                 config.max_completion_tokens, "max_tokens")
+        samples = request.n or 1
+        if request.n < 0:
+            raise invalid("n", f"must be >= 0, got {request.n}")
+        if samples > config.max_samples:
+            raise limit_exceeded("max_samples", samples, config.max_samples, "n")
+        for i, token in enumerate(request.stop_token_ids):
+            if not 0 <= token < len(vocab):
+                raise invalid(f"stop_token_ids[{i}]", f"token id {token} is out of range "
+                                                      f"[0, {len(vocab)})")
+        if any(not s for s in request.stop):
+            raise invalid("stop", "stop strings must not be empty")
+        seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+        prompt = encode(request.prompt, vocab, "prompt", config.max_tokens_per_sequence,
+                        allow_empty=True, optional=True)
+        start = await operations.read_prompt(model, prompt.ids, config.chunk_tokens)
+        self.metrics.tokens.labels(model.label, "prompt").inc(len(prompt.ids) + 1)
+        stops = _Stops(set(request.stop_token_ids), list(request.stop))
+        active = [_Sample(i, make_rng(seed, i), start.state, start.next_logprobs)
+                  for i in range(samples)]
+        first = True
+        while active:
+            if self.closing.is_set():
+                raise shutting_down()
+            messages, steps = [], []
+            for sample in active:
+                token = sample_next(sample.next_logprobs, params, sample.rng)
+                logprob = float(sample.next_logprobs[token])
+                reason = stops.check(sample, token, vocab)
+                if reason is None:
+                    sample.ids.append(token)
+                    messages.append(pb.CompleteResponse(
+                        index=sample.index, token=pb.Token(id=token, text=vocab.tokens[token],
+                                                           logprob=logprob)))
+                    if len(sample.ids) >= max_tokens:
+                        reason = pb.FINISH_REASON_LENGTH
+                if reason is None:
+                    future = model.batcher.submit(np.array([token], np.int64), sample.state,
+                                                  np.zeros(1, np.int64))
+                    steps.append((sample, future))
+                else:
+                    text = vocab.decode(sample.ids) if sample.text is None else sample.text
+                    messages.append(pb.CompleteResponse(index=sample.index, finish_reason=reason,
+                                                        text=text, model=model_ref(model)))
+            generated = sum(1 for m in messages if m.HasField("token"))
+            self.metrics.tokens.labels(model.label, "generated").inc(generated)
+            for message in messages:
+                await context.write(message)
+                if first:
+                    self.metrics.first_token.labels(model.label).observe(
+                        time.perf_counter() - started)
+                    first = False
+            active = []
+            try:
+                for sample, future in steps:
+                    result = await future
+                    sample.state, sample.next_logprobs = result.state, result.next_logprobs
+                    active.append(sample)
+            finally:  # cancelled or failed: the other samples' steps need not run
+                for _, future in steps:
+                    future.cancel()
+
+    # -- sessions -------------------------------------------------------------------------
+    @rpc(SERVICE)
+    async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.SessionResponse:
+        model = self.repository.get(request.model.name, request.model.version)
+        return await self._create(model, request.prefix, request.top_k, "prefix")
+
+    @rpc(SERVICE)
+    async def Append(self, request: pb.AppendRequest, context) -> pb.SessionResponse:
+        session = self.sessions.get(request.session_id)
+        return await self._append(session, request.input, request.top_k, "input")
+
+    @rpc(SERVICE)
+    async def CloseSession(self, request: pb.CloseSessionRequest,
+                           context) -> pb.CloseSessionResponse:
+        self.sessions.close(request.session_id)
+        return pb.CloseSessionResponse()
+
+    @rpc(SERVICE)
+    async def Converse(self, requests, context) -> None:
+        session: Session | None = None
+        try:
+            async for request in until_closing(requests, self.closing):
+                if session is None:
+                    model = self.repository.get(request.model.name, request.model.version)
+                    response = await self._create(model, request.input, request.top_k, "input")
+                    session = self.sessions.get(response.session_id)
+                else:
+                    response = await self._append(session, request.input, request.top_k,
+                                                  "input")
+                await context.write(response)
+        finally:
+            if session is not None and session.id in self.sessions:
+                self.sessions.close(session.id)
+
+    async def _create(self, model: LoadedModel, prefix: pb.Input, top_k: int,
+                      field: str) -> pb.SessionResponse:
+        if (why_not := model.sessions_allowed) is not None:
+            raise invalid("model", why_not)
+        _check_top_k(top_k, model)
+        encoded = encode(prefix, model.runtime.vocab, field,
+                         self.config.max_tokens_per_sequence, allow_empty=True, optional=True)
+        if model.task == "lm":
+            state, next_logprobs = await model.start_point()
+        else:
+            state, next_logprobs = model.initial_state(), None
+        session = self.sessions.create(model, state, next_logprobs)
+        try:
+            return await self._append(session, None, top_k, field, encoded)
+        except BaseException:
+            if session.id in self.sessions:
+                self.sessions.close(session.id)
+            raise
+
+    async def _append(self, session: Session, message: pb.Input | None, top_k: int,
+                      field: str, encoded: Encoded | None = None) -> pb.SessionResponse:
+        model = session.model
+        _check_top_k(top_k, model)
+        if encoded is None:
+            encoded = encode(message, model.runtime.vocab, field,
+                             self.config.max_tokens_per_sequence)
+        async with session.lock:
+            session = self.sessions.get(session.id)  # it may have gone while waiting
+            response = pb.SessionResponse(session_id=session.id, model=model_ref(model),
+                                          unknown_count=encoded.unknown)
+            if len(encoded.ids):
+                step = await operations.advance(model, session.state, session.next_logprobs,
+                                                encoded.ids, self.config.chunk_tokens)
+                self.sessions.update(session, step.state, step.next_logprobs,
+                                     len(encoded.ids))
+                kind = {"lm": "scored", "tag": "tagged", "classify": "classified"}[model.task]
+                self.metrics.tokens.labels(model.label, kind).inc(len(encoded.ids))
+                _describe(response, model, encoded, step)
+            response.position = session.position
+            if model.task == "lm":
+                vocab = model.runtime.vocab
+                response.next_tokens.extend(
+                    pb.Token(id=i, text=vocab.tokens[i], logprob=lp)
+                    for i, lp in operations.top_k(session.next_logprobs, top_k))
+            return response
+
+
+class _Window:
+    """How many sequences a stream has in flight; a message larger than the whole window
+    is let in alone."""
+
+    def __init__(self, size: int):
+        self.size, self.used = size, 0
+        self._released = asyncio.Event()
+
+    async def acquire(self, count: int) -> None:
+        while self.used and self.used + count > self.size:
+            self._released.clear()
+            await self._released.wait()
+        self.used += count
+
+    def release(self, count: int) -> None:
+        self.used -= count
+        self._released.set()
+
+
+class _Sample:
+    def __init__(self, index: int, rng: np.random.Generator, state: np.ndarray,
+                 next_logprobs: np.ndarray):
+        self.index, self.rng, self.state, self.next_logprobs = index, rng, state, next_logprobs
+        self.ids: list[int] = []
+        self.text: str | None = None  # set when a stop string cut the text
+
+
+class _Stops:
+    def __init__(self, token_ids: set[int], strings: list[str]):
+        self.token_ids, self.strings = token_ids, strings
+
+    def check(self, sample: _Sample, token: int, vocab) -> int | None:
+        """The finish reason if `token` ends the sample (it is then not emitted)."""
+        if token == vocab.eos_id:
+            return pb.FINISH_REASON_EOS
+        if token in self.token_ids:
+            return pb.FINISH_REASON_STOP
+        if self.strings:
+            text = vocab.decode(sample.ids + [token])
+            cuts = [text.find(s) for s in self.strings if s in text]
+            if cuts:
+                sample.text = text[: min(cuts)]
+                return pb.FINISH_REASON_STOP
+        return None
+
+
+def _sampling_params(request: pb.CompleteRequest) -> SamplingParams:
+    temperature = request.temperature if request.HasField("temperature") else 1.0
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise invalid("temperature", f"must be >= 0 (0 is greedy), got {temperature}")
+    if request.top_k < 0:
+        raise invalid("top_k", f"must be >= 0 (0 is no limit), got {request.top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise invalid("top_p", f"must be in (0, 1], got {top_p}")
+    return SamplingParams(temperature=temperature, top_k=request.top_k, top_p=top_p)
+
+
+def _check_top_k(top_k: int, model: LoadedModel) -> None:
+    if top_k < 0:
+        raise invalid("top_k", f"must be >= 0, got {top_k}")
+    if top_k > len(model.runtime.vocab):
+        raise invalid("top_k", f"{top_k} exceeds the vocabulary size {len(model.runtime.vocab)}")
+
+
+def _describe(response: pb.SessionResponse, model: LoadedModel, encoded: Encoded,
+              step: operations.Advance) -> None:
+    if model.task == "lm":
+        response.tokens.extend(pb.Token(id=int(i), text=w, logprob=float(lp))
+                               for i, w, lp in zip(encoded.ids, encoded.words, step.outputs))
+    elif model.task == "tag":
+        labels = model.runtime.labels.names
+        best = step.outputs.argmax(axis=1)
+        response.tags.extend(pb.TaggedToken(token=w, tag=labels[b], logprob=float(row[b]))
+                             for w, b, row in zip(encoded.words, best, step.outputs))
+    else:
+        response.classes.extend(class_probabilities(step.outputs, model.runtime.labels.names))
+
+
+def class_probabilities(logprobs: np.ndarray, labels: list[str]) -> list[pb.ClassProbability]:
+    order = np.argsort(-logprobs, kind="stable")
+    return [pb.ClassProbability(label=labels[i], probability=float(np.exp(logprobs[i])))
+            for i in order]

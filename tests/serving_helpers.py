@@ -1,0 +1,59 @@
+"""A real server for tests: serving.server.Server on 127.0.0.1, an ephemeral port, in a
+background thread with its own event loop; and helpers to read its metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import urllib.request
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.client import RecurClient
+from serving.config import ServerConfig
+from serving.server import Server
+
+
+class RunningServer:
+    def __init__(self, repository, **settings):
+        self.config = dataclasses.replace(ServerConfig(model_repository=str(repository),
+                                                       port=0, metrics_port=0, grace_s=2.0),
+                                          **settings)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.call(self._make())
+        self.ports = self.call(self.server.start())
+        self.target = f"127.0.0.1:{self.ports.grpc}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.client = RecurClient(self.target, channel=self.channel)
+
+    async def _make(self) -> Server:
+        return Server(self.config)  # made in the loop: its asyncio objects belong there
+
+    def call(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.call(self.server.stop(0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def metrics_text(self) -> str:
+        url = f"http://127.0.0.1:{self.ports.metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
+    def metric(self, name: str, /, **labels: str) -> float:
+        """The sum of a sample's values over the series matching `labels`."""
+        total = 0.0
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
+                    total += sample.value
+        return total

@@ -1,0 +1,46 @@
+"""Server configuration: flags over environment over file over defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from serving.config import ServerConfig, add_arguments, from_arguments
+
+
+def test_precedence_is_flags_then_environment_then_file(tmp_path):
+    file = tmp_path / "serve.toml"
+    file.write_text("[serve]\nmax_batch_size = 8\nsession_ttl_s = 30\nport = 7000\n")
+    env = {"RECUR_SESSION_TTL_S": "45", "RECUR_PORT": "7001", "RECUR_ALLOW_CPU_FALLBACK": "yes"}
+    config = ServerConfig.resolve({"port": 7002}, env=env, file=file)
+    assert config.port == 7002  # flag
+    assert config.session_ttl_s == 45.0  # environment over file
+    assert config.max_batch_size == 8  # file over default
+    assert config.allow_cpu_fallback is True
+    assert config.max_queue == ServerConfig().max_queue  # default
+
+
+def test_flags_parse_into_the_config(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--max-batch-size", "16", "--allow-cpu-fallback",
+                              "--model-repository", str(tmp_path)])
+    config = from_arguments(args)
+    assert config.max_batch_size == 16 and config.allow_cpu_fallback
+    assert config.model_repository == str(tmp_path)
+
+
+@pytest.mark.parametrize("source,message", [
+    ({"env": {"RECUR_MAX_QUEUE": "many"}}, "RECUR_MAX_QUEUE: expected a int"),
+    ({"flags": {"max_batch_size": 0}}, "max_batch_size must be >= 1"),
+    ({"flags": {"session_ttl_s": -1.0}}, "session_ttl_s must be >= 0"),
+    ({"file": "unknown"}, "unknown key(s) max_bach_size"),
+])
+def test_bad_settings_are_named(tmp_path, source, message):
+    file = None
+    if source.get("file"):
+        file = tmp_path / "serve.toml"
+        file.write_text("max_bach_size = 3\n")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ServerConfig.resolve(source.get("flags", {}), env=source.get("env", {}), file=file)

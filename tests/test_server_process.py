@@ -1,0 +1,151 @@
+"""`recur serve` as a process: health, reflection, the metrics page, graceful shutdown, and
+an environment with only the serve-cpu extra (no torch)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from serving.client import RecurClient
+from serving.proto_gen.recur.v1 import recur_pb2 as pb
+
+REPO = Path(__file__).resolve().parent.parent
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ServeProcess:
+    def __init__(self, command: list[str], env: dict | None = None):
+        # a pipe that nobody reads could fill up and block the server
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log,
+                                        text=True, env=env, cwd=REPO)
+        line = self.process.stdout.readline()
+        match = re.search(r"listening on [\d.]+:(\d+), metrics on (\d+)", line)
+        if match is None:
+            self.process.kill()
+            self.log.seek(0)
+            raise AssertionError(f"no listening line: {line!r}\n{self.log.read()}")
+        self.port, self.metrics_port = int(match[1]), int(match[2])
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.log.close()
+
+
+def serve_command(repository: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "recur", "serve", "--model-repository", str(repository),
+            "--port", "0", "--metrics-port", "0", *flags]
+
+
+@pytest.fixture
+def process(model_repository):
+    running = ServeProcess(serve_command(model_repository, "--grace-s", "3",
+                                         "--max-completion-tokens", "1000000"))
+    yield running
+    running.stop()
+
+
+def test_health_reflection_and_metrics(process):
+    with grpc.insecure_channel(process.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ["", "recur.v1.LanguageModel", "recur.v1.Tagger",
+                        "recur.v1.Classifier", "recur.v1.Models"]:
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == SERVING, service
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert {"recur.v1.LanguageModel", "recur.v1.Tagger", "recur.v1.Classifier",
+                "recur.v1.Models", "grpc.health.v1.Health"} <= services
+        RecurClient(process.target, channel=channel).score(["the dog"], "demo-lm")
+    page = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics").read()
+    assert b'recur_model_info{' in page and b"recur_requests_total{" in page
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus); the page parsed")
+    lint = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True)
+    assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
+
+
+def test_sigterm_drains_in_flight_work_and_closes_streams_with_a_reason(model_repository):
+    # Queued steps wait 300 ms, so the unary Scores below are in flight at SIGTERM.
+    process = ServeProcess(serve_command(model_repository, "--grace-s", "3",
+                                         "--max-queue-delay-ms", "300",
+                                         "--max-completion-tokens", "1000000"))
+    try:
+        channel = grpc.insecure_channel(process.target)
+        client = RecurClient(process.target, channel=channel)
+        health_updates = []
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""))
+
+        def follow():
+            try:
+                for update in watch:
+                    health_updates.append(update.status)
+            except grpc.RpcError:
+                pass
+
+        watcher = threading.Thread(target=follow, daemon=True)
+        watcher.start()
+        completion = client.complete("w3", "endless", version=1, seed=0, max_tokens=1_000_000,
+                                     timeout=30)
+        next(completion)
+        time.sleep(0.3)
+        scores = [client.language_model.Score.future(
+            pb.ScoreRequest(model=pb.ModelRef(name="demo-lm"), inputs=[pb.Input(text="a dog")]),
+            timeout=30) for _ in range(8)]
+        time.sleep(0.05)
+        process.process.send_signal(signal.SIGTERM)
+        for future in scores:  # every unary request in flight finishes
+            assert len(future.result().scores) == 1
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in completion:
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in caught.value.details()
+        assert process.process.wait(15) == 0
+        watcher.join(5)
+        assert health_updates[0] == SERVING and NOT_SERVING in health_updates
+        channel.close()
+    finally:
+        process.stop()
+
+
+@pytest.mark.slow
+def test_a_serve_only_environment_has_no_torch_and_serves(model_repository, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    f"{REPO}[serve-cpu]"], check=True, timeout=900)
+    no_torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
+    assert no_torch.returncode != 0 and b"No module named 'torch'" in no_torch.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    process = ServeProcess([str(venv / "bin" / "recur"), "serve", "--model-repository",
+                            str(model_repository), "--port", "0", "--metrics-port", "0"],
+                           env=env)
+    try:
+        with RecurClient(process.target) as client:
+            (score,) = client.score(["the dog sleeps"], "demo-lm")
+            assert score.token_count == 4 and score.perplexity > 1
+    finally:
+        process.stop()
