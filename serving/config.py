@@ -25,6 +25,9 @@ class ServerConfig:
     device: str = "cpu"  # cpu or cuda[:N]
     allow_cpu_fallback: bool = False
     threads: int = 0  # ONNX Runtime intra-op threads per model; 0: ONNX Runtime's default
+    # Idle ONNX Runtime threads spin between calls by default; in a server the loop's own
+    # Python work runs between calls and the spinning threads take its cores.
+    spin_threads: bool = False
     # batching
     max_batch_size: int = 64  # sequences in one ONNX Runtime call
     max_queue_delay_ms: float = 0.0  # how long a batch waits to fill; 0: run what is pending

@@ -65,7 +65,7 @@ class LoadedModel:
 
 class ModelRepository:
     def __init__(self, root: str | Path, device: str, threads: int, allow_cpu_fallback: bool,
-                 limits: BatchLimits, metrics: Metrics):
+                 limits: BatchLimits, metrics: Metrics, spin_threads: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root}: no such directory")
@@ -78,7 +78,8 @@ class ModelRepository:
                 continue
             loaded = {}
             for version, path in versions:
-                runtime = ModelRuntime(load_artifact(path), device, threads, allow_cpu_fallback)
+                runtime = ModelRuntime(load_artifact(path), device, threads, allow_cpu_fallback,
+                                       spin_threads)
                 label = f"{model_dir.name}/{version}"
                 meta = runtime.artifact.metadata
                 metrics.add_model(label, model_dir.name, version, runtime.task, meta["cell"],

@@ -34,7 +34,7 @@ class LMStep:
 
 class ModelRuntime:
     def __init__(self, artifact: Artifact | str | Path, device: str = "cpu", threads: int = 0,
-                 allow_cpu_fallback: bool = False):
+                 allow_cpu_fallback: bool = False, spin: bool = True):
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         kind, _, index = device.partition(":")
         if kind not in DEVICES:
@@ -43,6 +43,8 @@ class ModelRuntime:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         if kind == "cuda":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_id}))

@@ -41,17 +41,15 @@ def sample_next(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Gen
         return int(np.argmax(logits))
     logits = logits / params.temperature
     if 0 < params.top_k < len(logits):
-        # the k largest, ties broken by the lower id
+        # the k largest, ties broken by the lower id; in vocabulary order
         kth = np.partition(logits, len(logits) - params.top_k)[len(logits) - params.top_k]
         above = np.flatnonzero(logits > kth)
         ties = np.flatnonzero(logits == kth)[: params.top_k - len(above)]
-        candidates = np.concatenate([above, ties])
+        candidates = np.sort(np.concatenate([above, ties]))
     else:
         candidates = np.arange(len(logits))
     if params.top_p < 1.0:
         candidates = candidates[np.lexsort((candidates, -logits[candidates]))]
-    else:
-        candidates = np.sort(candidates)
     kept = logits[candidates]
     probs = np.exp(kept - kept.max())
     cumulative = np.cumsum(probs)

@@ -56,7 +56,7 @@ class Server:
                              config.token_budget, config.max_queue)
         self.repository = ModelRepository(config.model_repository, config.device,
                                           config.threads, config.allow_cpu_fallback, limits,
-                                          self.metrics)
+                                          self.metrics, config.spin_threads)
         self.sessions = SessionStore(config.session_ttl_s, config.max_sessions,
                                      config.max_session_bytes, self.metrics)
         # Without BDP probing HTTP/2 keeps its 64 KB stream window, so what a client can

@@ -75,8 +75,8 @@ def timed(fn, repeat: int) -> list[float]:
 
 
 # -- in process ----------------------------------------------------------------------------
-def in_process(path: Path, threads: int, sentences: list[list[int]]) -> dict:
-    runtime = ModelRuntime(path, threads=threads)
+def in_process(path: Path, threads: int, spin: bool, sentences: list[list[int]]) -> dict:
+    runtime = ModelRuntime(path, threads=threads, spin=spin)
     state = runtime.initial_state(1)
     one = np.array([[5]], np.int64)
     step = timed(lambda: runtime.run_lm(one, np.array([1]), state, one), 300)
@@ -101,11 +101,12 @@ def in_process(path: Path, threads: int, sentences: list[list[int]]) -> dict:
 
 
 # -- through the server --------------------------------------------------------------------
-def start_server(repository: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(repository: Path, threads: int, spin: bool) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "recur", "serve", "--model-repository", str(repository),
          "--port", "0", "--metrics-port", "-1", "--threads", str(threads),
-         "--max-completion-tokens", "100000", "--log-level", "WARNING"],
+         "--max-completion-tokens", "100000", "--log-level", "WARNING",
+         "--spin-threads" if spin else "--no-spin-threads"],
         stdout=subprocess.PIPE, text=True)
     match = re.search(r"listening on ([\d.]+:\d+)", process.stdout.readline())
     if match is None:
@@ -138,8 +139,9 @@ async def concurrent_streams(target: str, count: int) -> float:
         return sum(tokens) / (time.perf_counter() - started)
 
 
-def through_server(repository: Path, threads: int, sentences: list[list[int]]) -> dict:
-    process, target = start_server(repository, threads)
+def through_server(repository: Path, threads: int, spin: bool,
+                   sentences: list[list[int]]) -> dict:
+    process, target = start_server(repository, threads, spin)
     try:
         with grpc.insecure_channel(target) as channel:
             client = RecurClient(target, channel=channel)
@@ -207,20 +209,24 @@ def update_readme(report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--spin-threads", action=argparse.BooleanOptionalAction, default=False,
+                        help="let idle ONNX Runtime threads spin (both sides; off by default, "
+                             "as in the server)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     sentences = [[int(t) for t in rng.integers(2, VOCAB, int(rng.integers(10, 30)))] + [1]
                  for _ in range(512)]
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model(Path(tmp))
-        local = in_process(path, args.threads, sentences)
-        server = through_server(Path(tmp), args.threads, sentences)
+        local = in_process(path, args.threads, args.spin_threads, sentences)
+        server = through_server(Path(tmp), args.threads, args.spin_threads, sentences)
     target = server["noop_rpc_ms_p50"] + local["step_b1_ms_p50"] + 0.2
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} ONNX Runtime "
                    f"threads, onnxruntime {ort.__version__}, grpcio {grpc.__version__}",
         "model": f"LSTM {LAYERS}x{HIDDEN}, V={VOCAB}, random weights",
+        "spin_threads": args.spin_threads,
         "in_process": local, "server": server,
         "append_target_ms": target,
         "append_target_met": server["append_ms_p50_history_10"] <= target,
