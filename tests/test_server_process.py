@@ -117,6 +117,9 @@ def test_sigterm_drains_in_flight_work_and_closes_streams_with_a_reason(model_re
         process.process.send_signal(signal.SIGTERM)
         for future in scores:  # every unary request in flight finishes
             assert len(future.result().scores) == 1
+        with pytest.raises(grpc.RpcError) as refused:  # and no new work is accepted
+            client.score(["a dog"], "demo-lm")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.RpcError) as caught:
             for _ in completion:
                 pass

@@ -29,7 +29,6 @@ from training.train import device_of, train
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results.json"
 README = REPO / "README.md"
-START, END = "<!-- bench-train:start -->", "<!-- bench-train:end -->"
 PUBLISHED = {  # test perplexity on PTB, for the table
     "ptb-kn5": "141.2 (KN5, Mikolov 2012)", "ptb-elman": "124.7 (RNNLM, Mikolov 2012)",
     "ptb-lstm": "114.5 small / 82.7 medium (Zaremba 2014); 87.9 word_language_model here",
@@ -140,6 +139,16 @@ def _metric(result: dict) -> str:
     return shown
 
 
+def fill_readme(section: str, rows: list[str]) -> None:
+    """Replaces the README text between `<!-- bench-SECTION:start/end -->` by rows."""
+    start, end = f"<!-- bench-{section}:start -->", f"<!-- bench-{section}:end -->"
+    text = README.read_text()
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        README.write_text(before + start + "\n" + "\n".join(rows) + "\n" + end
+                          + rest.split(end, 1)[1])
+
+
 def update_readme(results: dict) -> None:
     rows = ["| recipe | result | valid | epochs | minutes | train tok/s | vs torch modules | "
             "published |", "|---|---|---|---|---|---|---|---|"]
@@ -154,11 +163,7 @@ def update_readme(results: dict) -> None:
     if curves:
         rows += ["", "Learning curves (training and validation against training tokens seen):", ""]
         rows += curves
-    text = README.read_text()
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + START + "\n" + "\n".join(rows) + "\n" + END + rest.split(END, 1)[1]
-        README.write_text(text)
+    fill_readme("train", rows)
 
 
 def main() -> None:

@@ -20,12 +20,11 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from training.bench import README, REPO
+from training.bench import REPO, fill_readme
 from training.export.graph import _Builder, build_graph
 from training.models.language_model import RecurrentLM
 
 RESULTS = REPO / "bench" / "export.json"
-START, END = "<!-- bench-export:start -->", "<!-- bench-export:end -->"
 VOCAB, LAYERS, SCORE_SHAPE = 10_000, 2, (32, 256)
 ONNX_GATES = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2]}  # ours (i,f,g,o)/(r,z,n) -> ONNX order
 
@@ -181,11 +180,7 @@ def update_readme(report: dict) -> None:
     rows.append("")
     rows.append(f"ONNX Runtime MatMul [8192,H]x[H,10000] in the same run: {rates}. "
                 f"{report['machine']}, {report['date']}.")
-    text = README.read_text()
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        README.write_text(before + START + "\n" + "\n".join(rows) + "\n" + END
-                          + rest.split(END, 1)[1])
+    fill_readme("export", rows)
 
 
 def main() -> None:

@@ -37,14 +37,13 @@ from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
 from serving.runtime import ModelRuntime
 from serving.sampler import SamplingParams, make_rng, sample_next
 from serving.tokenizer import EOS, UNK, Normalization, Vocabulary
-from training.bench import README, REPO
+from training.bench import REPO, fill_readme
 from training.export import model_metadata
 from training.export.graph import build_graph
 from training.export.verify import verify
 from training.models.language_model import RecurrentLM
 
 RESULTS = REPO / "bench" / "serve.json"
-START, END = "<!-- bench-serve:start -->", "<!-- bench-serve:end -->"
 VOCAB, HIDDEN, LAYERS, STREAMS, STREAM_TOKENS = 10_000, 650, 2, 64, 64
 SAMPLING = SamplingParams(temperature=1.0)
 
@@ -199,11 +198,7 @@ def update_readme(report: dict) -> None:
         f"({p['score_tokens_per_s']:,.0f}) | {100 * report['score_vs_in_process']:.0f}% | "
         f">= 80% |",
         "", f"{report['machine']}, {report['date']}."]
-    text = README.read_text()
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        README.write_text(before + START + "\n" + "\n".join(rows) + "\n" + END
-                          + rest.split(END, 1)[1])
+    fill_readme("serve", rows)
 
 
 def main() -> None:
