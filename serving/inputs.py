@@ -47,3 +47,15 @@ def encode(message: pb.Input, vocab: Vocabulary, field: str, max_tokens: int,
     if len(ids) > max_tokens:
         raise limit_exceeded("max_tokens_per_sequence", len(ids), max_tokens, field)
     return Encoded(ids, words, unknown)
+
+
+def encode_all(messages, vocab: Vocabulary, field: str, max_sequences: int, max_tokens: int,
+               allow_empty: bool = False) -> list[Encoded]:
+    """The inputs of one request (`field` names their list): at least one, at most
+    `max_sequences`, each checked as `encode` does."""
+    if len(messages) == 0:
+        raise invalid(field, "at least one sequence is required")
+    if len(messages) > max_sequences:
+        raise limit_exceeded("max_sequences_per_request", len(messages), max_sequences, field)
+    return [encode(m, vocab, f"{field}[{i}]", max_tokens, allow_empty)
+            for i, m in enumerate(messages)]

@@ -129,8 +129,15 @@ def save(result: dict) -> None:
     update_readme(results)
 
 
+def _per_character(recipe: str) -> bool:
+    """Character-level language models are reported in nats per character."""
+    return load_config(recipe).data.level == "char"
+
+
 def _metric(result: dict) -> str:
     test = result["test"]
+    if "ppl" in test and _per_character(result["recipe"]):
+        return f"test {test['loss']:.3f} nats/char"
     if "ppl" in test:
         return f"test ppl {test['ppl']:.1f}"
     shown = f"test acc {100 * test['accuracy']:.2f}%"
@@ -154,6 +161,8 @@ def update_readme(results: dict) -> None:
             "published |", "|---|---|---|---|---|---|---|---|"]
     for recipe, r in sorted(results.items()):
         valid = r["valid"].get("ppl") or r["valid"].get("accuracy")
+        if "ppl" in r["valid"] and _per_character(recipe):
+            valid = r["valid"]["loss"]
         ratio = r.get("throughput_vs_torch_modules", {}).get("ratio")
         rows.append(f"| {recipe} | {_metric(r)} | {valid:.4g} | {r['epochs']} | "
                     f"{r['wall_minutes']} | {r['median_train_tokens_per_s'] or '-'} | "

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from serving import operations
 from serving.config import ServerConfig
-from serving.errors import invalid, limit_exceeded
-from serving.inputs import Encoded, encode
+from serving.inputs import Encoded, encode_all
 from serving.metrics import Metrics
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
@@ -22,16 +21,10 @@ class _EncoderService:
 
     async def _run(self, request) -> tuple[LoadedModel, list[tuple[Encoded, object]]]:
         model = self.repository.get(request.model.name, request.model.version, self.task)
-        count = len(request.inputs)
-        if count == 0:
-            raise invalid("inputs", "at least one text is required")
-        if count > self.config.max_sequences_per_request:
-            raise limit_exceeded("max_sequences_per_request", count,
-                                 self.config.max_sequences_per_request, "inputs")
-        encoded = [encode(item, model.runtime.vocab, f"inputs[{i}]",
-                          self.config.max_tokens_per_sequence)
-                   for i, item in enumerate(request.inputs)]
-        model.batcher.reserve(count)
+        encoded = encode_all(request.inputs, model.runtime.vocab, "inputs",
+                             self.config.max_sequences_per_request,
+                             self.config.max_tokens_per_sequence)
+        model.batcher.reserve(len(encoded))
         results = await gather(*(operations.run_chunks(model, e.ids, model.initial_state(),
                                                        None, self.config.chunk_tokens)
                                  for e in encoded))

@@ -12,7 +12,7 @@ import numpy as np
 from serving import operations
 from serving.config import ServerConfig
 from serving.errors import invalid, limit_exceeded
-from serving.inputs import Encoded, encode
+from serving.inputs import Encoded, encode, encode_all
 from serving.metrics import Metrics
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
@@ -34,16 +34,9 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
     @rpc(SERVICE)
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         model = self.repository.get(request.model.name, request.model.version, "lm")
-        count = len(request.inputs)
-        if count == 0:
-            raise invalid("inputs", "at least one sequence is required")
-        if count > self.config.max_sequences_per_request:
-            raise limit_exceeded("max_sequences_per_request", count,
-                                 self.config.max_sequences_per_request, "inputs")
         add_eos = request.add_eos if request.HasField("add_eos") else True
-        encoded = [self._encode(model, item, f"inputs[{i}]", add_eos)
-                   for i, item in enumerate(request.inputs)]
-        model.batcher.reserve(count)
+        encoded = self._encode(model, request.inputs, "inputs", add_eos)
+        model.batcher.reserve(len(encoded))
         scores = await gather(*(self._score(model, e, add_eos) for e in encoded))
         return pb.ScoreResponse(scores=scores, model=model_ref(model))
 
@@ -59,15 +52,9 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 field = f"request {request.id!r}"
                 model = self.repository.get(request.model.name, request.model.version, "lm",
                                             f"{field}: model")
-                count = len(request.inputs)
-                if count == 0:
-                    raise invalid(f"{field}: inputs", "at least one sequence is required")
-                if count > self.config.max_sequences_per_request:
-                    raise limit_exceeded("max_sequences_per_request", count,
-                                         self.config.max_sequences_per_request, f"{field}: inputs")
                 add_eos = request.add_eos if request.HasField("add_eos") else True
-                encoded = [self._encode(model, item, f"{field}: inputs[{i}]", add_eos)
-                           for i, item in enumerate(request.inputs)]
+                encoded = self._encode(model, request.inputs, f"{field}: inputs", add_eos)
+                count = len(encoded)
                 await window.acquire(count)
                 await model.batcher.wait_for_room(count)
                 work = asyncio.ensure_future(gather(*(self._score(model, e, add_eos)
@@ -95,11 +82,11 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 if (item := ordered.get_nowait()) is not None:
                     item[2].cancel()
 
-    def _encode(self, model: LoadedModel, message: pb.Input, field: str,
-                add_eos: bool) -> Encoded:
+    def _encode(self, model: LoadedModel, messages, field: str, add_eos: bool) -> list[Encoded]:
         # With add_eos an empty text is a sentence too: only its <eos> is scored.
-        return encode(message, model.runtime.vocab, field, self.config.max_tokens_per_sequence,
-                      allow_empty=add_eos)
+        return encode_all(messages, model.runtime.vocab, field,
+                          self.config.max_sequences_per_request,
+                          self.config.max_tokens_per_sequence, allow_empty=add_eos)
 
     async def _score(self, model: LoadedModel, encoded: Encoded,
                      add_eos: bool) -> pb.SequenceScore:
@@ -253,21 +240,24 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         async with session.lock:
             session = self.sessions.get(session.id)  # it may have gone while waiting
             response = pb.SessionResponse(session_id=session.id, model=model_ref(model),
+                                          position=session.position + len(encoded.ids),
                                           unknown_count=encoded.unknown)
+            next_logprobs = session.next_logprobs
             if len(encoded.ids):
                 step = await operations.advance(model, session.state, session.next_logprobs,
                                                 encoded.ids, self.config.chunk_tokens)
+                # (if the session was evicted meanwhile, this Append still answers)
                 self.sessions.update(session, step.state, step.next_logprobs,
                                      len(encoded.ids))
                 kind = {"lm": "scored", "tag": "tagged", "classify": "classified"}[model.task]
                 self.metrics.tokens.labels(model.label, kind).inc(len(encoded.ids))
                 _describe(response, model, encoded, step)
-            response.position = session.position
+                next_logprobs = step.next_logprobs
             if model.task == "lm":
                 vocab = model.runtime.vocab
                 response.next_tokens.extend(
                     pb.Token(id=i, text=vocab.tokens[i], logprob=lp)
-                    for i, lp in operations.top_k(session.next_logprobs, top_k))
+                    for i, lp in operations.top_k(next_logprobs, top_k))
             return response
 
 
