@@ -56,14 +56,15 @@ class _TorchReferenceLM(nn.Module):
         return self.output(out), None
 
 
-def step_rate(model: nn.Module, config: Config, vocab_size: int, steps: int = 20) -> float:
-    """Median training tokens per second over `steps` SGD steps on random windows."""
+def step_times(model: nn.Module, config: Config, vocab_size: int, steps: int,
+               seed: int) -> list[float]:
+    """Seconds per SGD step on random windows of the recipe's batch shape."""
     t = config.train
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     times = []
     model.train()
-    for _ in range(steps + 3):
+    for _ in range(steps):
         tokens = torch.randint(0, vocab_size, (t.batch_size, t.bptt + 1), generator=generator)
         started = time.perf_counter()
         logits, _ = model(tokens[:, :-1])
@@ -73,7 +74,26 @@ def step_rate(model: nn.Module, config: Config, vocab_size: int, steps: int = 20
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         optimizer.step()
         times.append(time.perf_counter() - started)
-    return t.batch_size * t.bptt / statistics.median(times[3:])
+    return times
+
+
+def compare_step_rates(ours: nn.Module, reference: nn.Module, config: Config, vocab_size: int,
+                       rounds: int = 7, steps: int = 10) -> dict:
+    """Training tokens per second of both models, measured in alternating rounds so that
+    a burst of load on a shared machine hits both; the ratio is the median of the rounds'."""
+    tokens_per_step = config.train.batch_size * config.train.bptt
+    for model in (ours, reference):  # warm-up: allocator, kernels
+        step_times(model, config, vocab_size, 3, seed=0)
+    ours_rates, reference_rates = [], []
+    for r in range(rounds):
+        ours_rates.append(tokens_per_step / statistics.median(
+            step_times(ours, config, vocab_size, steps, seed=r)))
+        reference_rates.append(tokens_per_step / statistics.median(
+            step_times(reference, config, vocab_size, steps, seed=r)))
+    ratios = [a / b for a, b in zip(ours_rates, reference_rates, strict=True)]
+    return {"ours_tokens_per_s": round(statistics.median(ours_rates)),
+            "torch_modules_tokens_per_s": round(statistics.median(reference_rates)),
+            "ratio": round(statistics.median(ratios), 3)}
 
 
 def run(recipe: str, minutes: float | None, overrides: list[str]) -> dict:
@@ -101,11 +121,9 @@ def run(recipe: str, minutes: float | None, overrides: list[str]) -> dict:
                   parameters=summary.get("parameters"),
                   median_train_tokens_per_s=round(statistics.median(rates)) if rates else None)
     if config.data.task == "lm" and config.model.type == "rnn":
-        ours = step_rate(task.build_model(), config, len(task.vocab))
-        reference = step_rate(_TorchReferenceLM(config, len(task.vocab)), config, len(task.vocab))
-        result["throughput_vs_torch_modules"] = {
-            "ours_tokens_per_s": round(ours), "torch_modules_tokens_per_s": round(reference),
-            "ratio": round(ours / reference, 3)}
+        result["throughput_vs_torch_modules"] = compare_step_rates(
+            task.build_model(), _TorchReferenceLM(config, len(task.vocab)), config,
+            len(task.vocab))
     curves = REPO / "bench" / "curves"
     curves.mkdir(parents=True, exist_ok=True)
     if (run_dir / "learning_curve.png").exists():
