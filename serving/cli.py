@@ -16,7 +16,7 @@ import grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def serve_command(argv: list[str]) -> int:
+def serve_parser() -> argparse.ArgumentParser:
     from serving import config as server_config
 
     parser = argparse.ArgumentParser(
@@ -25,7 +25,13 @@ def serve_command(argv: list[str]) -> int:
         "the --config TOML file; flags win over the environment, which wins over the file.")
     server_config.add_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def serve_command(argv: list[str]) -> int:
+    from serving import config as server_config
+
+    args = serve_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -94,15 +100,44 @@ def _finish_name(reason: int) -> str:
     return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
 
 
-def score_command(argv: list[str]) -> int:
-    parser = _client_parser("recur score", "Perplexity of a file, one sentence per line, "
-                            "streamed to the server (ScoreStream).")
-    parser.add_argument("file", type=Path)
+def score_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recur score",
+        description="Perplexity of text files, one sentence per line: streamed to a server "
+        "(ScoreStream), or with --local scored in this process by ONNX Runtime, which is what "
+        "a batch Job runs (--file-list and --shard split the work between pods).")
+    parser.add_argument("files", nargs="*", type=Path, help="input files")
+    parser.add_argument("--server", default=DEFAULT_TARGET, help="host:port of recur serve")
+    parser.add_argument("--model", help="model name in the server's repository")
+    parser.add_argument("--version", type=int, default=0, help="model version (0: latest)")
     parser.add_argument("--no-eos", action="store_true", help="do not score each line's <eos>")
     parser.add_argument("--output", type=Path, help="write per-line JSON results here")
     parser.add_argument("--lines-per-message", type=int, default=64,
                         help="sentences sent in one stream message (default 64)")
+    local = parser.add_argument_group("in-process scoring (no server)")
+    local.add_argument("--local", metavar="MODEL_DIR", type=Path,
+                       help="score with this artifact (REPO/NAME/VERSION) in this process")
+    local.add_argument("--file-list", type=Path,
+                       help="a file naming the input files, one path per line")
+    local.add_argument("--shard", default="0/1", metavar="INDEX/COUNT",
+                       help="score every COUNT-th input file from INDEX on (default 0/1)")
+    local.add_argument("--out", type=Path, default=Path("scores"),
+                       help="results folder: <shard>.jsonl and <shard>.summary.json")
+    local.add_argument("--threads", type=int, default=0,
+                       help="ONNX Runtime threads (0: its default)")
+    return parser
+
+
+def score_command(argv: list[str]) -> int:
+    parser = score_parser()
     args = parser.parse_args(argv)
+    if args.local:
+        return _score_locally(parser, args)
+    if args.model is None:
+        parser.error("--model is required (or --local MODEL_DIR to score without a server)")
+    if len(args.files) != 1 or args.file_list:
+        parser.error("a server scores one file per call; several files need --local")
+    args.file = args.files[0]
     if args.lines_per_message < 1:
         print("recur score: --lines-per-message must be >= 1", file=sys.stderr)
         return 2
@@ -151,6 +186,37 @@ def score_command(argv: list[str]) -> int:
         return 0
 
     return _run_client(run, args)
+
+
+def _score_locally(parser: argparse.ArgumentParser, args) -> int:
+    from serving.artifact import ArtifactError
+    from serving.batch_score import Shard, read_file_list, score_shard
+
+    try:
+        shard = Shard.parse(args.shard)
+    except ValueError as error:
+        parser.error(str(error))
+    files = list(args.files)
+    if args.file_list:
+        if not args.file_list.is_file():
+            parser.error(f"--file-list {args.file_list}: no such file")
+        files += read_file_list(args.file_list)
+    if not files:
+        parser.error("no input files: name them or give --file-list")
+
+    def progress(summary) -> None:
+        print(f"\r{summary.shard}: {summary.lines} lines, {summary.tokens} tokens", end="",
+              file=sys.stderr, flush=True)
+
+    try:
+        result = score_shard(args.local, files, shard, args.out, not args.no_eos, args.threads,
+                             progress=progress)
+    except (ArtifactError, FileNotFoundError, ValueError) as error:
+        print(f"recur score: {error}", file=sys.stderr)
+        return 1
+    print(file=sys.stderr)
+    print(json.dumps(result))
+    return 0
 
 
 def _ppl(total: float, tokens: int) -> float:

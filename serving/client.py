@@ -19,6 +19,14 @@ import grpc
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
 
+# Behind a proxy that hashes on this header (deploy/k8s/components/istio-session-affinity),
+# calls carrying the same key reach the same replica: a session's calls find its state.
+ROUTING_HEADER = "x-recur-routing-key"
+
+
+def _routing(key: str | None) -> tuple | None:
+    return ((ROUTING_HEADER, key),) if key else None
+
 
 def text_or_ids(item: str | Sequence[int]) -> pb.Input:
     if isinstance(item, str):
@@ -88,21 +96,26 @@ class RecurClient:
         return [texts[i] for i in sorted(texts)]
 
     def create_session(self, model: str, prefix: str | Sequence[int] | None = None,
-                       version: int = 0, top_k: int = 0) -> pb.SessionResponse:
+                       version: int = 0, top_k: int = 0,
+                       routing_key: str | None = None) -> pb.SessionResponse:
+        """`routing_key`: any stable key of the caller's (a conversation id), sent with this
+        and every later call of the session so that a hashing proxy keeps them together."""
         request = pb.CreateSessionRequest(model=pb.ModelRef(name=model, version=version),
                                           top_k=top_k)
         if prefix is not None:
             request.prefix.CopyFrom(text_or_ids(prefix))
-        return self.language_model.CreateSession(request, timeout=self.timeout)
+        return self.language_model.CreateSession(request, timeout=self.timeout,
+                                                 metadata=_routing(routing_key))
 
-    def append(self, session_id: str, item: str | Sequence[int],
-               top_k: int = 0) -> pb.SessionResponse:
+    def append(self, session_id: str, item: str | Sequence[int], top_k: int = 0,
+               routing_key: str | None = None) -> pb.SessionResponse:
         request = pb.AppendRequest(session_id=session_id, input=text_or_ids(item), top_k=top_k)
-        return self.language_model.Append(request, timeout=self.timeout)
+        return self.language_model.Append(request, timeout=self.timeout,
+                                          metadata=_routing(routing_key))
 
-    def close_session(self, session_id: str) -> None:
+    def close_session(self, session_id: str, routing_key: str | None = None) -> None:
         self.language_model.CloseSession(pb.CloseSessionRequest(session_id=session_id),
-                                         timeout=self.timeout)
+                                         timeout=self.timeout, metadata=_routing(routing_key))
 
     def tag(self, texts: Sequence[str | Sequence[int]], model: str,
             version: int = 0) -> list[pb.TaggedSequence]:

@@ -22,6 +22,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
     metrics_port: int = 9090  # 0: pick a free port; -1: no metrics endpoint
+    # grpc.health.v1 alone on its own plaintext port, for Kubernetes probes; it stays
+    # reachable whatever the serving port requires. 0: pick a free port; -1: none.
+    health_port: int = -1
     device: str = "cpu"  # cpu or cuda[:N]
     allow_cpu_fallback: bool = False
     threads: int = 0  # ONNX Runtime intra-op threads per model; 0: ONNX Runtime's default
@@ -48,6 +51,9 @@ class ServerConfig:
     max_samples: int = 64
     # lifecycle
     grace_s: float = 10.0  # SIGTERM: how long in-flight requests get to finish
+    # Clients are asked to reconnect after this long (GOAWAY; calls in flight get another
+    # grace_s), so client-side load balancing picks up new replicas. 0: never.
+    max_connection_age_s: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "token_budget", "max_queue", "chunk_tokens",
@@ -57,7 +63,8 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("session_ttl_s", "grace_s", "max_queue_delay_ms", "threads"):
+        for name in ("session_ttl_s", "grace_s", "max_queue_delay_ms", "threads",
+                     "max_connection_age_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_sequences_per_request > self.max_queue:

@@ -8,7 +8,7 @@ import numpy as np
 
 from serving.errors import invalid, limit_exceeded
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
-from serving.tokenizer import UNK, Vocabulary
+from serving.tokenizer import Vocabulary
 
 
 @dataclass
@@ -32,8 +32,7 @@ def encode(message: pb.Input, vocab: Vocabulary, field: str, max_tokens: int,
             ids = np.array(vocab.encode_tokens(words), np.int64)
         except KeyError as error:  # a vocabulary without <unk>, such as some char models
             raise invalid(f"{field}.text", str(error.args[0])) from None
-        unk = vocab.unk_id
-        unknown = sum(1 for w, i in zip(words, ids) if i == unk and w != UNK)
+        unknown = vocab.unknown_count(words, ids.tolist())
     else:
         ids = np.array(message.token_ids.ids, np.int64)
         bad = np.flatnonzero((ids < 0) | (ids >= len(vocab)))

@@ -5,6 +5,12 @@ A request's path: a servicer in serving/services/ validates it and tokenizes
 (serving/batching.py) groups steps of all requests into one call of the ModelRuntime
 (serving/runtime.py), which runs the ONNX graph in ONNX Runtime.
 
+Health: `grpc.health.v1` on the serving port and, with `health_port`, alone on a plaintext
+port for probes. Service "" (and each recur.v1 service) is SERVING while the server takes
+requests: the readiness probe. Service "liveness" stays SERVING as long as the event loop
+answers, through the drain too: the liveness probe, which must not restart a pod that is
+only shutting down.
+
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING, the listener stops taking new RPCs,
 in-flight requests get `grace_s` to finish, and streams still open near the end of it are
 closed with UNAVAILABLE and a message.
@@ -35,12 +41,14 @@ from serving.sessions import SessionStore
 log = logging.getLogger("recur.serve")
 SERVICES = {name: pb.DESCRIPTOR.services_by_name[name].full_name
             for name in ("LanguageModel", "Tagger", "Classifier", "Models")}
+LIVENESS = "liveness"
 
 
 @dataclass
 class Ports:
     grpc: int
     metrics: int | None
+    health: int | None = None
 
 
 class Server:
@@ -64,6 +72,9 @@ class Server:
         options = [("grpc.http2.bdp_probe", 0),
                    ("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes)]
+        if config.max_connection_age_s > 0:
+            options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))]
         self.grpc = grpc.aio.server(options=options)
         pb_grpc.add_LanguageModelServicer_to_server(LanguageModelService(
             self.repository, self.sessions, config, self.metrics, self.closing), self.grpc)
@@ -80,16 +91,27 @@ class Server:
         port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
         if port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self.health_server, health_port = None, None
+        if config.health_port >= 0:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            health_port = self.health_server.add_insecure_port(
+                f"{config.host}:{config.health_port}")
+            if health_port == 0:
+                raise OSError(f"cannot listen on {config.host}:{config.health_port} (health)")
         self.repository.start()
         self._expiry = asyncio.ensure_future(self.sessions.expire_forever())
         metrics_port = (self.metrics.serve(config.metrics_port, config.host)
                         if config.metrics_port >= 0 else None)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        if self.health_server is not None:
+            await self.health_server.start()
         await self.grpc.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        self.ports = Ports(port, metrics_port)
-        log.info("serving %s on %s:%d (metrics on %s)",
+        self.ports = Ports(port, metrics_port, health_port)
+        log.info("serving %s on %s:%d (metrics on %s, health on %s)",
                  ", ".join(m.label for m in self.repository.all()), config.host, port,
-                 metrics_port)
+                 metrics_port, health_port)
         return self.ports
 
     async def _set_health(self, status) -> None:
@@ -105,6 +127,8 @@ class Server:
         await asyncio.wait({stopping}, timeout=max(grace - min(1.0, grace / 4), 0))
         self.closing.set()
         await stopping
+        if self.health_server is not None:  # probes see NOT_SERVING until the very end
+            await self.health_server.stop(0)
         self._expiry.cancel()
         await self.repository.close()
         self.metrics.close()
@@ -115,7 +139,8 @@ async def serve(config: ServerConfig) -> None:
     server = Server(config)
     ports = await server.start()
     print(f"recur serve: listening on {config.host}:{ports.grpc}, metrics on "
-          f"{ports.metrics if ports.metrics is not None else 'off'}", flush=True)
+          f"{ports.metrics if ports.metrics is not None else 'off'}, health on "
+          f"{ports.health if ports.health is not None else 'the serving port'}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -121,6 +121,11 @@ class Vocabulary:
             ids.append(self.eos_id)
         return ids
 
+    def unknown_count(self, words: Sequence[str], ids: Sequence[int]) -> int:
+        """Words that were mapped to `<unk>` (a literal `<unk>` in the text is not one)."""
+        unk = self.unk_id
+        return sum(1 for w, i in zip(words, ids, strict=True) if i == unk and w != UNK)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.normalization.detokenize([self.tokens[i] for i in ids])
 

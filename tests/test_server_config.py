@@ -44,3 +44,29 @@ def test_bad_settings_are_named(tmp_path, source, message):
         file.write_text("max_bach_size = 3\n")
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ServerConfig.resolve(source.get("flags", {}), env=source.get("env", {}), file=file)
+
+
+def test_connections_are_recycled_after_their_maximum_age(model_repository):
+    """max_connection_age_s: the server sends GOAWAY, so clients reconnect (and a client
+    balancing over DNS picks up new replicas); streams get grace_s more, then end."""
+    import time
+
+    import grpc
+
+    from tests.serving_helpers import RunningServer
+
+    server = RunningServer(model_repository, max_connection_age_s=0.5, grace_s=0.5,
+                           max_completion_tokens=1_000_000)
+    try:
+        started = time.monotonic()
+        stream = server.client.complete("w3", "endless", version=1, seed=0,
+                                        max_tokens=1_000_000, timeout=30)
+        with pytest.raises(grpc.RpcError) as cut:
+            for _ in stream:
+                pass
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 10
+        (score,) = server.client.score(["the dog"], "demo-lm")  # the channel reconnects
+        assert score.token_count == 3
+    finally:
+        server.stop()

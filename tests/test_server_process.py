@@ -1,9 +1,9 @@
-"""`recur serve` as a process: health, reflection, the metrics page, graceful shutdown, and
-an environment with only the serve-cpu extra (no torch)."""
+"""`recur serve` as a process: health (on the serving port and on its own probe port),
+reflection, the metrics page, graceful shutdown. The serving image's environment is
+tested in test_deploy_images.py."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -31,11 +31,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class ServeProcess:
-    def __init__(self, command: list[str], env: dict | None = None):
+    def __init__(self, command: list[str], env: dict | None = None, cwd: Path = REPO):
         # a pipe that nobody reads could fill up and block the server
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log,
-                                        text=True, env=env, cwd=REPO)
+                                        text=True, env=env, cwd=cwd)
         line = self.process.stdout.readline()
         match = re.search(r"listening on [\d.]+:(\d+), metrics on (\d+)", line)
         if match is None:
@@ -44,6 +44,8 @@ class ServeProcess:
             raise AssertionError(f"no listening line: {line!r}\n{self.log.read()}")
         self.port, self.metrics_port = int(match[1]), int(match[2])
         self.target = f"127.0.0.1:{self.port}"
+        health = re.search(r"health on (\d+)", line)
+        self.health_target = f"127.0.0.1:{health[1]}" if health else None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -133,22 +135,37 @@ def test_sigterm_drains_in_flight_work_and_closes_streams_with_a_reason(model_re
         process.stop()
 
 
-@pytest.mark.slow
-def test_a_serve_only_environment_has_no_torch_and_serves(model_repository, tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    f"{REPO}[serve-cpu]"], check=True, timeout=900)
-    no_torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
-    assert no_torch.returncode != 0 and b"No module named 'torch'" in no_torch.stderr
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    process = ServeProcess([str(venv / "bin" / "recur"), "serve", "--model-repository",
-                            str(model_repository), "--port", "0", "--metrics-port", "0"],
-                           env=env)
+def test_the_health_port_serves_probes_alone_and_stays_live_through_the_drain(
+        model_repository):
+    process = ServeProcess(serve_command(model_repository, "--health-port", "0", "--grace-s",
+                                         "3", "--max-completion-tokens", "1000000"))
     try:
-        with RecurClient(process.target) as client:
-            (score,) = client.score(["the dog sleeps"], "demo-lm")
-            assert score.token_count == 4 and score.perplexity > 1
+        assert process.health_target and process.health_target != process.target
+        probes = grpc.insecure_channel(process.health_target)
+        health = health_pb2_grpc.HealthStub(probes)
+
+        def status(service: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+        assert status("") == SERVING and status("liveness") == SERVING
+        with pytest.raises(grpc.RpcError) as caught:  # the probe port serves health only
+            RecurClient(process.health_target, channel=probes).score(["a dog"], "demo-lm")
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        client = RecurClient(process.target)
+        completion = client.complete("w3", "endless", version=1, seed=0, max_tokens=1_000_000,
+                                     timeout=30)
+        next(completion)  # a stream keeps the drain going for the grace period
+        process.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while status("") == SERVING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert status("") == NOT_SERVING  # readiness fails: endpoints drop the pod
+        assert status("liveness") == SERVING  # liveness holds: the drain is not a crash
+        with pytest.raises(grpc.RpcError):
+            for _ in completion:
+                pass
+        assert process.process.wait(15) == 0
+        probes.close()
+        client.close()
     finally:
         process.stop()

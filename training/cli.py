@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 
-def train_command(argv: list[str]) -> int:
+def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recur train", description="Train a model.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a TOML file, or a recipe name from training/configs/")
@@ -18,7 +19,17 @@ def train_command(argv: list[str]) -> int:
     parser.add_argument("--out", help="run directory (default: runs/<config name>)")
     parser.add_argument("--dry-run", action="store_true",
                         help="one epoch of a few batches, then evaluate: for CI")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel processes on this machine, launched by torchrun "
+                             "(for several machines run torchrun yourself)")
+    return parser
+
+
+def train_command(argv: list[str]) -> int:
+    parser = train_parser()
     args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error("--nproc must be >= 1")
     from training.config import ConfigError, load_config
 
     try:
@@ -28,13 +39,48 @@ def train_command(argv: list[str]) -> int:
         else:
             run_dir = Path(args.out or f"runs/{Path(args.config).stem}")
             config = load_config(args.config, args.set)
+        if args.nproc > 1 and config.train.batch_size % args.nproc:
+            raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be divisible "
+                              f"by the number of processes ({args.nproc})")
     except (ConfigError, FileNotFoundError) as error:
         print(f"recur train: configuration error: {error}", file=sys.stderr)
         return 2
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args.nproc, _without_nproc(argv))
     from training.train import train
 
-    summary = train(config, run_dir, resume=bool(args.resume), dry_run=args.dry_run)
+    try:
+        summary = train(config, run_dir, resume=bool(args.resume), dry_run=args.dry_run)
+    except ConfigError as error:
+        print(f"recur train: configuration error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def _launch_torchrun(nproc: int, train_args: list[str]) -> int:
+    """`torchrun --standalone --nproc-per-node N -m recur.cli train ...`, in this process."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "recur.cli", "train",
+                  *train_args])
+    except ChildFailedError as error:
+        print(f"recur train: a training process failed:\n{error}", file=sys.stderr)
+        return 1
     return 0
 
 

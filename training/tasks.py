@@ -18,6 +18,7 @@ from serving.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
 from training import metrics
 from training.config import Config
 from training.data import batching, readers
+from training.distributed import World, own_slice
 from training.models.encoders import RecurrentClassifier, RecurrentTagger
 from training.models.language_model import FeedForwardLM, RecurrentLM
 from training.models.ngram import KneserNey
@@ -66,8 +67,9 @@ class LanguageModelTask:
         self.labels = None
         self._sentences = sentences
         self.streams: dict[str, list[int]] = {}
-        self.carry = None  # hidden state carried between training windows
+        self.carry = None  # hidden state carried between training windows (own columns)
         self.eval_limit: int | None = None  # dry runs evaluate on a prefix only
+        self.world = World()  # data-parallel training: this rank trains on its own columns
 
     def stream(self, split: str) -> list[int]:
         if split not in self.streams:
@@ -88,7 +90,8 @@ class LanguageModelTask:
 
     def epoch_batches(self, epoch: int, device: torch.device):
         t = self.config.train
-        data = batching.columns(self.stream("train"), t.batch_size).to(device)
+        data = batching.columns(self.stream("train"), t.batch_size)
+        data = data[own_slice(self.world, t.batch_size)].to(device)
         schedule = batching.window_schedule(data.shape[1], t.bptt, t.variable_bptt, t.seed, epoch)
         return len(schedule), lambda start: batching.windows(data, schedule, start)
 
@@ -142,6 +145,7 @@ class _PaddedTask:
         self._encoded: dict[str, list] = {}
         self.carry = None  # batches are independent: nothing carried
         self.eval_limit: int | None = None  # dry runs evaluate on a prefix only
+        self.world = World()  # data-parallel training: this rank trains on its rows of a batch
 
     def encoded(self, split: str) -> list:
         if split not in self._encoded:
@@ -158,7 +162,14 @@ class _PaddedTask:
         def iterate(start: int):
             for index in range(start, len(batches)):
                 b = batches[index]
-                yield index, b.tokens.to(device), b.lengths.to(device), b.targets.to(device)
+                rows: slice | torch.Tensor = slice(None)
+                if self.world.distributed:
+                    if len(b.lengths) < self.world.size:
+                        continue  # a tail batch too small to give every rank a row
+                    rows = torch.tensor_split(torch.arange(len(b.lengths)),
+                                              self.world.size)[self.world.rank]
+                yield (index, b.tokens[rows].to(device), b.lengths[rows].to(device),
+                       b.targets[rows].to(device))
 
         return len(batches), iterate
 

@@ -4,6 +4,9 @@ Exact resume: the checkpoint holds the weights, the optimizer, the learning rate
 plateau counters, the RNG state, the position in the epoch's batch order and (for
 language models) the hidden state carried into the next window. Batch orders are
 functions of (seed, epoch), so a resumed run continues exactly where it stopped.
+
+Under torchrun the same loop trains data-parallel (see distributed.py): the checkpoint
+holds the whole carried state and every rank's RNG, so resuming works the same way.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training import checkpoint
-from training.config import Config
+from training import checkpoint, distributed
+from training.config import Config, ConfigError
 from training.models.ngram import KneserNey
 from training.tasks import make_task
 
@@ -76,9 +79,12 @@ class _Stop:
 
 
 class MetricLog:
-    """metrics.jsonl plus TensorBoard, one record per logged point."""
+    """metrics.jsonl plus TensorBoard, one record per logged point (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -91,6 +97,8 @@ class MetricLog:
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -98,28 +106,50 @@ class MetricLog:
                 self.writer.add_scalar(f"{record['split']}/{key}", value, record["tokens"])
 
     def close(self) -> None:
-        self.writer.close()
+        if self.enabled:
+            self.writer.close()
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bool = False) -> dict:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Trains in this process, or as one rank of a torchrun job when WORLD_SIZE is set.
+    Returns the run's summary (on rank 0; other ranks return {})."""
+    world = distributed.from_environment()
+    if world.distributed:
+        distributed.check_batch_size(world, config.train.batch_size)
+    device = distributed.start(world, device_of(config))
+    try:
+        summary = _train(config, Path(run_dir), resume, dry_run, world, device)
+    except BaseException:
+        distributed.stop(world, wait=False)
+        raise
+    distributed.stop(world)
+    return summary if world.is_main else {}
+
+
+def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
+           world: distributed.World, device: torch.device) -> dict:
     t = config.train
     torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
-    device = device_of(config)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     task = make_task(config, run_dir if resume else None)
-    task.vocab.save(run_dir / "vocab.json")
-    if task.labels is not None:
-        task.labels.save(run_dir / "labels.json")
-    (run_dir / "config.toml").write_text(config.to_toml())
+    task.world = world
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        task.vocab.save(run_dir / "vocab.json")
+        if task.labels is not None:
+            task.labels.save(run_dir / "labels.json")
+        (run_dir / "config.toml").write_text(config.to_toml())
     if dry_run:
         task.eval_limit = 2000
     model = task.build_model()
     if isinstance(model, KneserNey):
+        if world.distributed:
+            raise ConfigError("model.type = 'kn' (a count-based model) trains in one process")
         return _finish_count_model(task, model, run_dir, device)
 
     model.to(device)
+    if world.rank > 0:  # other dropout masks than rank 0's (which match a single process)
+        torch.manual_seed(t.seed + world.rank)
     optimizer = build_optimizer(config, model)
     progress = Progress(lr=config.optimizer.lr)
     if resume:
@@ -127,17 +157,24 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bo
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         progress = Progress(**saved["progress"])
-        task.carry = saved.get("carry")
-        checkpoint.restore_rng(saved["rng"])
-    log = MetricLog(run_dir, progress.step if resume else None)
+        carry = saved.get("carry")
+        task.carry = (None if carry is None
+                      else carry[:, distributed.own_slice(world, carry.shape[1])].contiguous())
+        _restore_rng(saved, world, t.seed)
+    model = distributed.wrap(model, world, device)
+    log = MetricLog(run_dir, progress.step if resume else None, enabled=world.is_main)
     epochs = 1 if dry_run else t.epochs
     started = time.monotonic()
     stopped_early = False
 
     def save_last() -> None:
-        checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "progress": asdict(progress), "carry": task.carry,
-                                "rng": checkpoint.rng_state()}, run_dir / checkpoint.LAST)
+        carry = distributed.gather_rows(world, task.carry, dim=1)  # every rank takes part
+        rngs = distributed.gather_objects(world, checkpoint.rng_state())
+        if world.is_main:
+            checkpoint.save_atomic(
+                {"model": distributed.unwrap(model).state_dict(),
+                 "optimizer": optimizer.state_dict(), "progress": asdict(progress),
+                 "carry": carry, "rng": rngs[0], "rng_by_rank": rngs}, run_dir / checkpoint.LAST)
 
     with _Stop() as stop:
         while progress.epoch < epochs and not stopped_early:
@@ -148,12 +185,18 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bo
                 task.start_epoch()
             window = _new_window()
             bar = tqdm(total=total, initial=progress.index, desc=f"epoch {progress.epoch + 1}",
-                       dynamic_ncols=True, leave=False, disable=None)
+                       dynamic_ncols=True, leave=False, disable=None if world.is_main else True)
             for index, *batch in iterate(progress.index):
                 if index >= total:
                     break
                 model.train()
                 loss, tokens, counts = task.loss(model, batch)
+                logged_loss = loss.item()
+                interrupted = stop.requested
+                out_of_time = t.max_minutes > 0 and time.monotonic() - started > t.max_minutes * 60
+                if world.distributed:
+                    loss, logged_loss, tokens, counts, interrupted, out_of_time = _agree(
+                        world, device, loss, tokens, counts, interrupted, out_of_time)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 limit = t.clip if t.clip > 0 else math.inf
@@ -163,7 +206,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bo
                 progress.index, progress.step = index + 1, progress.step + 1
                 progress.tokens += tokens
                 progress.clipped_steps += int(clipped)
-                window["loss"] += loss.item() * tokens
+                window["loss"] += logged_loss * tokens
                 window["tokens"] += tokens
                 window["batches"] += 1
                 window["norm"] += norm
@@ -171,7 +214,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bo
                 if counts is not None:
                     window["correct"] += counts[0]
                     window["counted"] += counts[1]
-                bar.update(1)
+                bar.update(min(index + 1, total) - bar.n)
                 last_of_epoch = progress.index >= total
                 if progress.step % t.log_every == 0 or last_of_epoch:
                     record = _train_record(task, progress, window)
@@ -179,14 +222,14 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bo
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in
                                      ("loss", task.metric, "tokens_per_s") if k in record})
                     window = _new_window()
-                out_of_time = t.max_minutes > 0 and time.monotonic() - started > t.max_minutes * 60
-                if stop.requested or (t.max_steps and progress.step >= t.max_steps):
+                if interrupted or (t.max_steps and progress.step >= t.max_steps):
                     save_last()
                     bar.close()
                     log.close()
-                    reason = "interrupted" if stop.requested else "max_steps"
-                    print(f"stopped ({reason}) at step {progress.step}; "
-                          f"resume with: recur train --resume {run_dir}")
+                    reason = "interrupted" if interrupted else "max_steps"
+                    if world.is_main:
+                        print(f"stopped ({reason}) at step {progress.step}; "
+                              f"resume with: recur train --resume {run_dir}")
                     return {"stopped": reason, "step": progress.step}
                 if out_of_time:
                     stopped_early = True
@@ -195,10 +238,30 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, dry_run: bo
                     save_last()
             bar.close()
             progress.epoch, progress.index = progress.epoch + 1, 0
-            _end_of_epoch(task, model, optimizer, progress, config, log, run_dir, device)
+            _end_of_epoch(task, distributed.unwrap(model), optimizer, progress, config, log,
+                          run_dir, device, world)
             save_last()
     log.close()
-    return _finish(task, model, run_dir, device, progress)
+    if not world.is_main:
+        return {}
+    return _finish(task, distributed.unwrap(model), run_dir, device, progress)
+
+
+def _agree(world: distributed.World, device: torch.device, loss: torch.Tensor, tokens: int,
+           counts, interrupted: bool, out_of_time: bool):
+    """One all_reduce per step: the global mean loss and counts for the log, and the stop
+    flags, so that all ranks stop after the same step.
+    The local mean loss is rescaled so that DDP's gradient average equals the gradient of
+    the mean over all ranks' loss terms (ranks may hold different numbers of them)."""
+    terms = counts[1] if counts is not None else tokens  # what the mean loss averages over
+    correct, counted = counts if counts is not None else (0, 0)
+    total = distributed.sum_across(
+        world, [loss.item() * terms, terms, tokens, correct, counted, interrupted, out_of_time],
+        device)
+    scaled = loss * (terms * world.size / max(1.0, total[1]))
+    mean = total[0] / max(1.0, total[1])
+    global_counts = (int(total[3]), int(total[4])) if counts is not None else None
+    return scaled, mean, int(total[2]), global_counts, total[5] > 0, total[6] > 0
 
 
 def _new_window() -> dict:
@@ -223,8 +286,10 @@ def _train_record(task, progress: Progress, window: dict) -> dict:
 
 
 def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, log: MetricLog,
-                  run_dir: Path, device) -> None:
-    result = task.evaluate(model, "valid", device)
+                  run_dir: Path, device, world: distributed.World) -> None:
+    """Validation and the learning-rate schedule. Every rank evaluates the same weights;
+    rank 0's result decides, so the schedules cannot drift apart."""
+    result = distributed.from_main(world, task.evaluate(model, "valid", device))
     evaluated = {("eval_" + k if k in ("tokens", "examples") else k): v for k, v in result.items()}
     log.write({"split": "valid", "step": progress.step, "epoch": progress.epoch,
                "tokens": progress.tokens, "lr": progress.lr, **evaluated})
@@ -232,12 +297,14 @@ def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, lo
     improved = progress.best is None or (value > progress.best if task.higher_is_better
                                          else value < progress.best)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
-    print(f"epoch {progress.epoch}: valid {shown}{' (best)' if improved else ''}")
+    if world.is_main:
+        print(f"epoch {progress.epoch}: valid {shown}{' (best)' if improved else ''}")
     o, lr = config.optimizer, progress.lr
     if improved:
         progress.best, progress.bad_epochs = value, 0
-        checkpoint.save_atomic({"model": model.state_dict(), "epoch": progress.epoch,
-                                "valid": result}, run_dir / checkpoint.BEST)
+        if world.is_main:
+            checkpoint.save_atomic({"model": model.state_dict(), "epoch": progress.epoch,
+                                    "valid": result}, run_dir / checkpoint.BEST)
     else:
         progress.bad_epochs += 1
         if progress.bad_epochs > o.plateau_patience and o.plateau_factor < 1.0:
@@ -249,7 +316,22 @@ def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, lo
         progress.lr = lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        print(f"learning rate now {lr:.4g}")
+        if world.is_main:
+            print(f"learning rate now {lr:.4g}")
+
+
+def _restore_rng(saved: dict, world: distributed.World, seed: int) -> None:
+    """Each rank continues its own random stream; resuming with another number of
+    processes cannot, so those ranks reseed (and dropout masks differ from an
+    uninterrupted run)."""
+    by_rank = saved.get("rng_by_rank") or [saved["rng"]]
+    if len(by_rank) == world.size:
+        checkpoint.restore_rng(by_rank[world.rank])
+        return
+    torch.manual_seed(seed + world.rank + len(by_rank))
+    if world.is_main:
+        print(f"resuming a {len(by_rank)}-process run with {world.size} processes: "
+              "random streams restart, so the run is not bit-exact")
 
 
 def _finish(task, model, run_dir: Path, device, progress: Progress) -> dict:
