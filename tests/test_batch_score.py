@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from serving_helpers import RunningServer
 
 from serving.batch_score import Shard, read_file_list, score_shard
-from tests.serving_helpers import RunningServer
 
 LINES = [["the dog sleeps", "", "the old dogs that the cat sees sleep"],
          ["a cat", "zebra unknownword the"],

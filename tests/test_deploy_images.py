@@ -11,11 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import demo_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_server_process import ServeProcess
 
 from serving.client import RecurClient
-from tests.conftest import demo_config
-from tests.test_server_process import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "deploy" / "docker"

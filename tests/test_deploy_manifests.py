@@ -272,7 +272,7 @@ def test_the_training_job_rendezvous_matches_its_pods(built):
 
 
 def test_the_autoscaler_metric_is_on_a_running_server(built, model_repository):
-    from tests.serving_helpers import RunningServer
+    from serving_helpers import RunningServer
 
     (hpa,) = of_kind(built["overlays/cpu"], "HorizontalPodAutoscaler")
     custom = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]

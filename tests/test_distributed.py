@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import demo_config
+from conftest import demo_config
 
 STEPS = 20
 NO_DROPOUT = ("model.dropout=0.0", "model.dropout_input=0.0", "model.dropout_output=0.0")

@@ -52,8 +52,7 @@ def test_connections_are_recycled_after_their_maximum_age(model_repository):
     import time
 
     import grpc
-
-    from tests.serving_helpers import RunningServer
+    from serving_helpers import RunningServer
 
     server = RunningServer(model_repository, max_connection_age_s=0.5, grace_s=0.5,
                            max_completion_tokens=1_000_000)
