@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 RECIPE ?= ptb-lstm
 
-.PHONY: install proto test lint demo bench bench-train bench-export bench-serve clean
+.PHONY: install proto test lint demo bench bench-train bench-export bench-serve soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ bench-export: install
 # The gRPC server against the runtime in process (a few minutes): latency, batching, streams.
 bench-serve: install
 	$(BIN)/python -m training.bench_serve
+
+# Ten minutes of mixed traffic at 80% of the measured maximum against the demo models
+# (make demo first): errors, latency and memory growth into bench/soak.json. Not in CI.
+soak: install
+	$(BIN)/python -m serving.soak runs/models --minutes $(or $(MINUTES),10)
 
 clean:
 	rm -rf $(VENV) runs data

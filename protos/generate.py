@@ -3,7 +3,8 @@ the checked-in code is stale.
 
 protoc writes imports from the proto path (`from recur.v1 import recur_pb2`), which would
 collide with the `recur` command package, so the generated imports are rewritten to
-`serving.proto_gen.recur.v1`.
+`serving.proto_gen.recur.v1` (and `serving.proto_gen.inference` for the Open Inference
+Protocol's files).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def generate(out: Path) -> list[Path]:
             raise SystemExit("protoc failed")
         written = []
         for path in sorted(Path(tmp).rglob("*.py*")):
-            text = re.sub(r"^from recur\.v1 import", f"from {PACKAGE}.recur.v1 import",
+            text = re.sub(r"^from (recur\.v1|inference) import", rf"from {PACKAGE}.\1 import",
                           path.read_text(), flags=re.M)
             target = out / path.relative_to(tmp)
             target.parent.mkdir(parents=True, exist_ok=True)

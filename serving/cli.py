@@ -45,29 +45,47 @@ def serve_command(argv: list[str]) -> int:
 
     try:
         asyncio.run(serve(config))
-    except (ArtifactError, DeviceUnavailable, FileNotFoundError, OSError) as error:
+    except (ArtifactError, DeviceUnavailable, FileNotFoundError, OSError, ValueError) as error:
         print(f"recur serve: {error}", file=sys.stderr)
         return 1
     return 0
 
 
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=DEFAULT_TARGET, help="host:port of recur serve")
+    group = parser.add_argument_group("connection security")
+    group.add_argument("--tls-ca", help="PEM CA of the server's certificate: connect with TLS")
+    group.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    group.add_argument("--tls-key", help="PEM key of --tls-cert")
+    group.add_argument("--token-file", help="a file holding a bearer token")
+
+
+def _connect(args):
+    from serving.client import RecurClient, connect
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    channel = connect(args.server, args.tls_ca, args.tls_cert, args.tls_key, token)
+    return RecurClient(args.server, channel=channel)
+
+
 def _client_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--server", default=DEFAULT_TARGET, help="host:port of recur serve")
+    _add_connection(parser)
     parser.add_argument("--model", required=True, help="model name in the repository")
     parser.add_argument("--version", type=int, default=0, help="model version (0: latest)")
     return parser
 
 
 def _run_client(function, args) -> int:
-    from serving.client import RecurClient
-
     try:
-        with RecurClient(args.server) as client:
+        with _connect(args) as client:
             return function(client, args) or 0
     except grpc.RpcError as error:
         print(f"{error.code().name}: {error.details()}", file=sys.stderr)
         return 1
+    except OSError as error:  # an unreadable certificate or token file
+        print(f"recur: {error}", file=sys.stderr)
+        return 2
 
 
 def complete_command(argv: list[str]) -> int:
@@ -107,7 +125,7 @@ def score_parser() -> argparse.ArgumentParser:
         "(ScoreStream), or with --local scored in this process by ONNX Runtime, which is what "
         "a batch Job runs (--file-list and --shard split the work between pods).")
     parser.add_argument("files", nargs="*", type=Path, help="input files")
-    parser.add_argument("--server", default=DEFAULT_TARGET, help="host:port of recur serve")
+    _add_connection(parser)
     parser.add_argument("--model", help="model name in the server's repository")
     parser.add_argument("--version", type=int, default=0, help="model version (0: latest)")
     parser.add_argument("--no-eos", action="store_true", help="do not score each line's <eos>")
@@ -287,14 +305,13 @@ def _show(response) -> None:
 
 def models_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="recur models", description="List served models.")
-    parser.add_argument("--server", default=DEFAULT_TARGET)
+    _add_connection(parser)
     args = parser.parse_args(argv)
     from google.protobuf.json_format import MessageToDict
 
-    from serving.client import RecurClient
 
     try:
-        with RecurClient(args.server) as client:
+        with _connect(args) as client:
             for info in client.list_models():
                 print(json.dumps(MessageToDict(info, preserving_proto_field_name=True)))
     except grpc.RpcError as error:

@@ -13,6 +13,7 @@ The generated stubs (serving.proto_gen) are typed; this wraps the common calls.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -34,10 +35,55 @@ def text_or_ids(item: str | Sequence[int]) -> pb.Input:
     return pb.Input(token_ids=pb.TokenIds(ids=list(item)))
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        return _CallDetails(details.method, details.timeout,
+                            [*(details.metadata or ()), self.header], details.credentials,
+                            details.wait_for_ready, getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready = credentials, wait_for_ready
+        self.compression = compression
+
+
+def connect(target: str, ca: str | None = None, cert: str | None = None,
+            key: str | None = None, token: str | None = None) -> grpc.Channel:
+    """A channel to `recur serve`: plaintext, or TLS with `ca` (the server's CA), plus a
+    client certificate (`cert`, `key`) for mutual TLS, plus a bearer token."""
+    if ca or cert:
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        credentials = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+        channel = grpc.secure_channel(target, credentials)
+    else:
+        channel = grpc.insecure_channel(target)
+    return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
+
+
 class RecurClient:
     def __init__(self, target: str, timeout: float | None = 60.0,
                  channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(target)
+        self.channel = channel or connect(target)
         self.timeout = timeout
         self.language_model = pb_grpc.LanguageModelStub(self.channel)
         self.tagger = pb_grpc.TaggerStub(self.channel)
@@ -108,8 +154,11 @@ class RecurClient:
                                                  metadata=_routing(routing_key))
 
     def append(self, session_id: str, item: str | Sequence[int], top_k: int = 0,
-               routing_key: str | None = None) -> pb.SessionResponse:
-        request = pb.AppendRequest(session_id=session_id, input=text_or_ids(item), top_k=top_k)
+               routing_key: str | None = None, state_token: bytes = b"") -> pb.SessionResponse:
+        """`state_token`: the last response's, so that a replica without the session
+        resumes it."""
+        request = pb.AppendRequest(session_id=session_id, input=text_or_ids(item), top_k=top_k,
+                                   state_token=state_token)
         return self.language_model.Append(request, timeout=self.timeout,
                                           metadata=_routing(routing_key))
 

@@ -19,6 +19,8 @@ ENV_PREFIX = "RECUR_"
 @dataclass(frozen=True)
 class ServerConfig:
     model_repository: str = "models"
+    # How often to look for versions added to the repository while serving; 0: never.
+    repository_poll_s: float = 0.0
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
     metrics_port: int = 9090  # 0: pick a free port; -1: no metrics endpoint
@@ -40,6 +42,10 @@ class ServerConfig:
     stream_window: int = 256  # ScoreStream: sequences in flight per stream
     # sessions
     session_ttl_s: float = 600.0
+    # Portable sessions: a file of HMAC keys (one per line, the first signs; a Kubernetes
+    # Secret mounted as a file). Empty: responses carry no state_token.
+    state_token_keys: str = ""
+    state_token_ttl_s: float = 86400.0  # how long a state_token can be resumed from
     max_sessions: int = 10000
     max_session_bytes: int = 1 << 30  # states and next-token distributions of all sessions
     # request limits
@@ -49,6 +55,11 @@ class ServerConfig:
     max_completion_tokens: int = 1024
     default_completion_tokens: int = 32
     max_samples: int = 64
+    # security of the serving port (the health and metrics ports stay plaintext)
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, the port requires TLS
+    tls_key: str = ""
+    tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
+    auth_tokens: str = ""  # file of bearer tokens, one per line: calls must carry one
     # lifecycle
     grace_s: float = 10.0  # SIGTERM: how long in-flight requests get to finish
     # Clients are asked to reconnect after this long (GOAWAY; calls in flight get another
@@ -64,11 +75,15 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("session_ttl_s", "grace_s", "max_queue_delay_ms", "threads",
-                     "max_connection_age_s"):
+                     "max_connection_age_s", "state_token_ttl_s", "repository_poll_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_sequences_per_request > self.max_queue:
             raise ValueError("max_sequences_per_request must not exceed max_queue")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.default_completion_tokens > self.max_completion_tokens:
             raise ValueError("default_completion_tokens must not exceed max_completion_tokens")
 

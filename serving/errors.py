@@ -60,5 +60,11 @@ def limit_exceeded(limit: str, value: int, maximum: int, field: str) -> ServiceE
                                 subject=field, description=f"{limit} = {maximum}")]),))
 
 
+def failed_precondition(field: str, problem: str, reason: str) -> ServiceError:
+    """A well-formed request this server cannot act on as things stand."""
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"{field}: {problem}",
+                        (error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN),))
+
+
 def unavailable(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message)

@@ -6,6 +6,7 @@ memory and its share of a batch stay bounded whatever its length.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ class Advance:
     state: np.ndarray  # [L, S]
     next_logprobs: np.ndarray | None  # LM: [V] after the last token
     outputs: np.ndarray  # LM: log-probs of the read tokens [n]; tagger [n, C]; classifier [C]
+    previous: np.ndarray | None = None  # LM, if asked: the state before the last token
 
 
 async def run_chunks(model: LoadedModel, tokens: np.ndarray, state: np.ndarray,
@@ -56,16 +58,33 @@ async def read_prompt(model: LoadedModel, ids: np.ndarray, chunk: int) -> Advanc
 
 
 async def advance(model: LoadedModel, state: np.ndarray, next_logprobs: np.ndarray | None,
-                  ids: np.ndarray, chunk: int) -> Advance:
+                  ids: np.ndarray, chunk: int, keep_previous: bool = False) -> Advance:
     """A session step: reads only `ids` from the stored state. For a language model the
     first token's log-prob comes from the stored next-token distribution, so the network
-    runs exactly len(ids) tokens."""
+    runs exactly len(ids) tokens. `keep_previous` (for state tokens) also returns the
+    state before the last token: free for one token, otherwise one more row beside this
+    step in the same batched call."""
     if model.task != "lm":
         return await run_chunks(model, ids, state, None, chunk)
     targets = np.concatenate([ids[1:], [0]]).astype(np.int64)
-    result = await run_chunks(model, ids, state, targets, chunk)
+    previous = state
+    if keep_previous and len(ids) > 1:
+        result, before = await asyncio.gather(
+            run_chunks(model, ids, state, targets, chunk),
+            run_chunks(model, ids[:-1], state, targets[:-1], chunk))
+        previous = before.state
+    else:
+        result = await run_chunks(model, ids, state, targets, chunk)
     logprobs = np.concatenate([[next_logprobs[ids[0]]], result.outputs[:-1]])
-    return Advance(result.state, result.next_logprobs, logprobs.astype(np.float32))
+    return Advance(result.state, result.next_logprobs, logprobs.astype(np.float32),
+                   previous if keep_previous else None)
+
+
+async def resume(model: LoadedModel, state: np.ndarray, last_token: int) -> Advance:
+    """A language model session from a state token: reads its last token again from the
+    state before it, which restores the state and the next-token distribution."""
+    token = np.array([last_token], np.int64)
+    return await run_chunks(model, token, state, np.zeros(1, np.int64), 1)
 
 
 def top_k(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:

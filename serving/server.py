@@ -25,23 +25,45 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from serving.batching import BatchLimits
 from serving.config import ServerConfig
 from serving.metrics import Metrics
+from serving.proto_gen.inference import grpc_service_pb2 as v2
+from serving.proto_gen.inference import grpc_service_pb2_grpc as v2_grpc
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
 from serving.repository import ModelRepository
+from serving.security import BearerTokenInterceptor, read_tokens, server_credentials
 from serving.services.encoders import ClassifierService, TaggerService
+from serving.services.inference_v2 import InferenceService
 from serving.services.language_model import LanguageModelService
 from serving.services.models import ModelsService
 from serving.sessions import SessionStore
+from serving.state_tokens import StateTokenKeys
+from serving.wire import add_guarded
 
 log = logging.getLogger("recur.serve")
 SERVICES = {name: pb.DESCRIPTOR.services_by_name[name].full_name
             for name in ("LanguageModel", "Tagger", "Classifier", "Models")}
+SERVICES["GRPCInferenceService"] = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 LIVENESS = "liveness"
+
+
+class HealthService(health.aio.HealthServicer):
+    """grpc.health.v1, with a message on NOT_FOUND (the stock servicer sends none)."""
+
+    def __init__(self, services: list[str]):
+        super().__init__()
+        self.services = services
+
+    async def Check(self, request, context):
+        if request.service not in self.services:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"service: no health status for {request.service!r} (known: "
+                                f"{', '.join(repr(s) for s in self.services)})")
+        return await super().Check(request, context)
 
 
 @dataclass
@@ -62,6 +84,8 @@ class Server:
         config = self.config
         limits = BatchLimits(config.max_batch_size, config.max_queue_delay_ms / 1000,
                              config.token_budget, config.max_queue)
+        token_keys = (StateTokenKeys.from_file(config.state_token_keys, config.state_token_ttl_s)
+                      if config.state_token_keys else None)
         self.repository = ModelRepository(config.model_repository, config.device,
                                           config.threads, config.allow_cpu_fallback, limits,
                                           self.metrics, config.spin_threads)
@@ -75,32 +99,47 @@ class Server:
         if config.max_connection_age_s > 0:
             options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))]
-        self.grpc = grpc.aio.server(options=options)
-        pb_grpc.add_LanguageModelServicer_to_server(LanguageModelService(
-            self.repository, self.sessions, config, self.metrics, self.closing), self.grpc)
-        pb_grpc.add_TaggerServicer_to_server(
-            TaggerService(self.repository, config, self.metrics), self.grpc)
-        pb_grpc.add_ClassifierServicer_to_server(
-            ClassifierService(self.repository, config, self.metrics), self.grpc)
-        pb_grpc.add_ModelsServicer_to_server(ModelsService(self.repository, self.metrics),
-                                             self.grpc)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            [*SERVICES.values(), health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
-        port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        interceptors = ([BearerTokenInterceptor(read_tokens(config.auth_tokens), self.metrics)]
+                        if config.auth_tokens else [])
+        self.grpc = grpc.aio.server(options=options, interceptors=interceptors)
+        # add_guarded: malformed request bytes get INVALID_ARGUMENT (serving/wire.py)
+        language_model = LanguageModelService(self.repository, self.sessions, config,
+                                              self.metrics, self.closing, token_keys)
+        tagger = TaggerService(self.repository, config, self.metrics)
+        classifier = ClassifierService(self.repository, config, self.metrics)
+        add_guarded(self.grpc, pb_grpc.add_LanguageModelServicer_to_server, language_model)
+        add_guarded(self.grpc, pb_grpc.add_TaggerServicer_to_server, tagger)
+        add_guarded(self.grpc, pb_grpc.add_ClassifierServicer_to_server, classifier)
+        add_guarded(self.grpc, v2_grpc.add_GRPCInferenceServiceServicer_to_server,
+                    InferenceService(self.repository, config, self.metrics, language_model,
+                                     tagger, classifier, self.closing))
+        add_guarded(self.grpc, pb_grpc.add_ModelsServicer_to_server,
+                    ModelsService(self.repository, self.metrics))
+        self.health = HealthService(["", *SERVICES.values(), LIVENESS])
+        add_guarded(self.grpc, health_pb2_grpc.add_HealthServicer_to_server, self.health)
+        add_guarded(self.grpc, reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+                    reflection.aio.ReflectionServicer([*SERVICES.values(), health.SERVICE_NAME,
+                                                       reflection.SERVICE_NAME]))
+        address = f"{config.host}:{config.port}"
+        port = (self.grpc.add_secure_port(address, server_credentials(
+                    config.tls_cert, config.tls_key, config.tls_client_ca))
+                if config.tls_cert else self.grpc.add_insecure_port(address))
         if port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         self.health_server, health_port = None, None
         if config.health_port >= 0:
             self.health_server = grpc.aio.server()
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            add_guarded(self.health_server, health_pb2_grpc.add_HealthServicer_to_server,
+                        self.health)
             health_port = self.health_server.add_insecure_port(
                 f"{config.host}:{config.health_port}")
             if health_port == 0:
                 raise OSError(f"cannot listen on {config.host}:{config.health_port} (health)")
         self.repository.start()
         self._expiry = asyncio.ensure_future(self.sessions.expire_forever())
+        self._poll = (asyncio.ensure_future(
+            self.repository.refresh_forever(config.repository_poll_s))
+            if config.repository_poll_s > 0 else None)
         metrics_port = (self.metrics.serve(config.metrics_port, config.host)
                         if config.metrics_port >= 0 else None)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
@@ -130,6 +169,8 @@ class Server:
         if self.health_server is not None:  # probes see NOT_SERVING until the very end
             await self.health_server.stop(0)
         self._expiry.cancel()
+        if self._poll is not None:
+            self._poll.cancel()
         await self.repository.close()
         self.metrics.close()
         self.stopped.set()

@@ -32,6 +32,10 @@ class Session:
     state: np.ndarray  # [L, S]
     next_logprobs: np.ndarray | None  # [V], language models
     position: int = 0
+    # What a state token carries (serving/state_tokens.py): for language models the state
+    # before the last token read, and that token; otherwise the state and -1.
+    resume_state: np.ndarray | None = None
+    last_token: int = -1
     last_used: float = field(default_factory=time.monotonic)
     # Appends to one session run one at a time, in arrival order (asyncio.Lock is FIFO).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -39,6 +43,8 @@ class Session:
     @property
     def nbytes(self) -> int:
         extra = 0 if self.next_logprobs is None else self.next_logprobs.nbytes
+        if self.resume_state is not None and self.resume_state is not self.state:
+            extra += self.resume_state.nbytes
         return self.state.nbytes + extra
 
 
@@ -56,14 +62,21 @@ class SessionStore:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
 
-    def create(self, model: LoadedModel, state: np.ndarray,
-               next_logprobs: np.ndarray | None) -> Session:
-        session = Session(secrets.token_urlsafe(16), model, state.copy(),
-                          None if next_logprobs is None else next_logprobs.copy())
+    def create(self, model: LoadedModel, state: np.ndarray, next_logprobs: np.ndarray | None,
+               resume_state: np.ndarray | None = None, last_token: int = -1,
+               session_id: str | None = None, position: int = 0) -> Session:
+        """A new session; with `session_id`, one resumed from a state token (replacing any
+        copy held here)."""
+        session = Session(session_id or secrets.token_urlsafe(16), model, state.copy(),
+                          None if next_logprobs is None else next_logprobs.copy(), position,
+                          None if resume_state is None else resume_state.copy(), last_token)
         if session.nbytes > self.max_bytes:
             raise overloaded(f"one session of {model.label} needs {session.nbytes} bytes, more "
                              f"than max_session_bytes={self.max_bytes}", 1.0)
         self.expire()
+        if session.id in self._sessions:
+            self._remove(session.id, None, None)
+        self._removed.pop(session.id, None)
         self._sessions[session.id] = session
         self.bytes += session.nbytes
         self.metrics.sessions.labels(model.label).inc()
@@ -87,13 +100,22 @@ class SessionStore:
         self._sessions.move_to_end(session_id)
         return session
 
+    def peek(self, session_id: str) -> Session | None:
+        """The session if held and not idle past the TTL, without touching it."""
+        session = self._sessions.get(session_id)
+        if session is None or time.monotonic() - session.last_used > self.ttl_s:
+            return None
+        return session
+
     def update(self, session: Session, state: np.ndarray, next_logprobs: np.ndarray | None,
-               appended: int) -> None:
+               appended: int, resume_state: np.ndarray | None = None,
+               last_token: int = -1) -> None:
         """Stores a finished Append's result, unless the session was removed meanwhile."""
         if self._sessions.get(session.id) is not session:
             return
         self.bytes -= session.nbytes
         session.state, session.next_logprobs = state, next_logprobs
+        session.resume_state, session.last_token = resume_state, last_token
         session.position += appended
         session.last_used = time.monotonic()
         self.bytes += session.nbytes

@@ -17,7 +17,7 @@ from serving.server import Server
 
 
 class RunningServer:
-    def __init__(self, repository, **settings):
+    def __init__(self, repository, channel_factory=grpc.insecure_channel, **settings):
         self.config = dataclasses.replace(ServerConfig(model_repository=str(repository),
                                                        port=0, metrics_port=0, grace_s=2.0),
                                           **settings)
@@ -27,7 +27,7 @@ class RunningServer:
         self.server = self.call(self._make())
         self.ports = self.call(self.server.start())
         self.target = f"127.0.0.1:{self.ports.grpc}"
-        self.channel = grpc.insecure_channel(self.target)
+        self.channel = channel_factory(self.target)
         self.client = RecurClient(self.target, channel=self.channel)
 
     async def _make(self) -> Server:

@@ -95,7 +95,8 @@ def test_every_overlay_and_component_is_there():
             "overlays/gpu": "Kustomization", "batch-score": "Kustomization",
             "training": "Kustomization", "components/service-monitor": "Component",
             "components/istio-session-affinity": "Component",
-            "components/models-volume": "Component"}.items() <= kustomizations().items()
+            "components/models-volume": "Component", "components/portable-sessions": "Component",
+            "components/tls-auth": "Component"}.items() <= kustomizations().items()
 
 
 def test_dockerfiles_pass_hadolint():
@@ -215,6 +216,24 @@ def test_serving_manifests_agree_with_the_server_config(built, tmp_path):
     (deployment,) = of_kind(gpu, "Deployment")
     assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
         "nvidia.com/gpu"] == 1
+
+
+def test_server_environment_variables_are_settings_and_their_files_are_mounted(built):
+    from dataclasses import fields
+
+    settings = {f"RECUR_{f.name.upper()}" for f in fields(ServerConfig)}
+    for name, documents in built.items():
+        for workload, container in containers(documents):
+            if container.get("args", [None])[0] != "serve":
+                continue
+            mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+            volumes = {v["name"] for v in workload["spec"]["template"]["spec"]["volumes"]}
+            assert {m["name"] for m in container["volumeMounts"]} <= volumes, name
+            for variable in container.get("env", []):
+                assert variable["name"] in settings, (name, variable["name"])
+                value = variable.get("value", "")
+                if value.startswith("/"):  # a file: it must lie on a mounted volume
+                    assert any(value.startswith(m + "/") for m in mounts), (name, value)
 
 
 def test_every_pod_runs_restricted(built):

@@ -19,7 +19,7 @@ class _EncoderService:
     def __init__(self, repository: ModelRepository, config: ServerConfig, metrics: Metrics):
         self.repository, self.config, self.metrics = repository, config, metrics
 
-    async def _run(self, request) -> tuple[LoadedModel, list[tuple[Encoded, object]]]:
+    async def run(self, request) -> tuple[LoadedModel, list[tuple[Encoded, object]]]:
         model = self.repository.get(request.model.name, request.model.version, self.task)
         encoded = encode_all(request.inputs, model.runtime.vocab, "inputs",
                              self.config.max_sequences_per_request,
@@ -38,7 +38,7 @@ class TaggerService(_EncoderService, pb_grpc.TaggerServicer):
 
     @rpc("Tagger")
     async def Tag(self, request: pb.TagRequest, context) -> pb.TagResponse:
-        model, results = await self._run(request)
+        model, results = await self.run(request)
         names = model.runtime.labels.names
         response = pb.TagResponse(model=model_ref(model))
         for encoded, logprobs in results:
@@ -54,7 +54,7 @@ class ClassifierService(_EncoderService, pb_grpc.ClassifierServicer):
 
     @rpc("Classifier")
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        model, results = await self._run(request)
+        model, results = await self.run(request)
         names = model.runtime.labels.names
         response = pb.ClassifyResponse(model=model_ref(model))
         for _, logprobs in results:

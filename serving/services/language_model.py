@@ -7,11 +7,12 @@ import math
 import secrets
 import time
 
+import grpc
 import numpy as np
 
 from serving import operations
 from serving.config import ServerConfig
-from serving.errors import invalid, limit_exceeded
+from serving.errors import ServiceError, failed_precondition, invalid, limit_exceeded
 from serving.inputs import Encoded, encode, encode_all
 from serving.metrics import Metrics
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
@@ -20,14 +21,17 @@ from serving.repository import LoadedModel, ModelRepository
 from serving.sampler import SamplingParams, make_rng, sample_next
 from serving.services import gather, model_ref, rpc, shutting_down, until_closing
 from serving.sessions import Session, SessionStore
+from serving.state_tokens import Snapshot, StateTokenKeys, TokenRejected
 
 SERVICE = "LanguageModel"
 
 
 class LanguageModelService(pb_grpc.LanguageModelServicer):
     def __init__(self, repository: ModelRepository, sessions: SessionStore,
-                 config: ServerConfig, metrics: Metrics, closing: asyncio.Event):
+                 config: ServerConfig, metrics: Metrics, closing: asyncio.Event,
+                 token_keys: StateTokenKeys | None = None):
         self.repository, self.sessions, self.config = repository, sessions, config
+        self.token_keys = token_keys
         self.metrics, self.closing = metrics, closing
 
     # -- scoring --------------------------------------------------------------------------
@@ -35,9 +39,9 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         model = self.repository.get(request.model.name, request.model.version, "lm")
         add_eos = request.add_eos if request.HasField("add_eos") else True
-        encoded = self._encode(model, request.inputs, "inputs", add_eos)
+        encoded = self.encode_inputs(model, request.inputs, "inputs", add_eos)
         model.batcher.reserve(len(encoded))
-        scores = await gather(*(self._score(model, e, add_eos) for e in encoded))
+        scores = await gather(*(self.score_sequence(model, e, add_eos) for e in encoded))
         return pb.ScoreResponse(scores=scores, model=model_ref(model))
 
     @rpc(SERVICE)
@@ -53,11 +57,11 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 model = self.repository.get(request.model.name, request.model.version, "lm",
                                             f"{field}: model")
                 add_eos = request.add_eos if request.HasField("add_eos") else True
-                encoded = self._encode(model, request.inputs, f"{field}: inputs", add_eos)
+                encoded = self.encode_inputs(model, request.inputs, f"{field}: inputs", add_eos)
                 count = len(encoded)
                 await window.acquire(count)
                 await model.batcher.wait_for_room(count)
-                work = asyncio.ensure_future(gather(*(self._score(model, e, add_eos)
+                work = asyncio.ensure_future(gather(*(self.score_sequence(model, e, add_eos)
                                                       for e in encoded)))
                 ordered.put_nowait((request.id, count, work))
             ordered.put_nowait(None)
@@ -82,14 +86,15 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 if (item := ordered.get_nowait()) is not None:
                     item[2].cancel()
 
-    def _encode(self, model: LoadedModel, messages, field: str, add_eos: bool) -> list[Encoded]:
+    def encode_inputs(self, model: LoadedModel, messages, field: str,
+                      add_eos: bool) -> list[Encoded]:
         # With add_eos an empty text is a sentence too: only its <eos> is scored.
         return encode_all(messages, model.runtime.vocab, field,
                           self.config.max_sequences_per_request,
                           self.config.max_tokens_per_sequence, allow_empty=add_eos)
 
-    async def _score(self, model: LoadedModel, encoded: Encoded,
-                     add_eos: bool) -> pb.SequenceScore:
+    async def score_sequence(self, model: LoadedModel, encoded: Encoded,
+                             add_eos: bool) -> pb.SequenceScore:
         vocab = model.runtime.vocab
         ids, words = encoded.ids, list(encoded.words)
         if add_eos:
@@ -181,12 +186,12 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
     @rpc(SERVICE)
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.SessionResponse:
         model = self.repository.get(request.model.name, request.model.version)
-        return await self._create(model, request.prefix, request.top_k, "prefix")
+        return await self.open_session(model, request.prefix, request.top_k, "prefix")
 
     @rpc(SERVICE)
     async def Append(self, request: pb.AppendRequest, context) -> pb.SessionResponse:
-        session = self.sessions.get(request.session_id)
-        return await self._append(session, request.input, request.top_k, "input")
+        session = await self.find_session(request.session_id, request.state_token)
+        return await self.append_to(session, request.input, request.top_k, "input")
 
     @rpc(SERVICE)
     async def CloseSession(self, request: pb.CloseSessionRequest,
@@ -197,22 +202,35 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
     @rpc(SERVICE)
     async def Converse(self, requests, context) -> None:
         session: Session | None = None
+        last: pb.SessionResponse | None = None
         try:
             async for request in until_closing(requests, self.closing):
-                if session is None:
+                if session is None and request.state_token:  # resume, then read the input
+                    session = await self.find_session("", request.state_token)
+                    response = await self.append_to(session, request.input, request.top_k,
+                                                  "input", allow_empty=True)
+                elif session is None:
                     model = self.repository.get(request.model.name, request.model.version)
-                    response = await self._create(model, request.input, request.top_k, "input")
+                    response = await self.open_session(model, request.input, request.top_k, "input")
                     session = self.sessions.get(response.session_id)
                 else:
-                    response = await self._append(session, request.input, request.top_k,
+                    response = await self.append_to(session, request.input, request.top_k,
                                                   "input")
                 await context.write(response)
+                last = response
+        except ServiceError as error:
+            # Cut by the shutdown: the client's last message is the state to resume from.
+            if error.code == grpc.StatusCode.UNAVAILABLE and last is not None and last.state_token:
+                await context.write(pb.SessionResponse(
+                    session_id=last.session_id, model=last.model, position=last.position,
+                    state_token=last.state_token))
+            raise
         finally:
             if session is not None and session.id in self.sessions:
                 self.sessions.close(session.id)
 
-    async def _create(self, model: LoadedModel, prefix: pb.Input, top_k: int,
-                      field: str) -> pb.SessionResponse:
+    async def open_session(self, model: LoadedModel, prefix: pb.Input, top_k: int,
+                           field: str) -> pb.SessionResponse:
         if (why_not := model.sessions_allowed) is not None:
             raise invalid("model", why_not)
         _check_top_k(top_k, model)
@@ -220,35 +238,102 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                          self.config.max_tokens_per_sequence, allow_empty=True, optional=True)
         if model.task == "lm":
             state, next_logprobs = await model.start_point()
+            resume_state, last_token = model.initial_state(), model.runtime.vocab.eos_id
         else:
             state, next_logprobs = model.initial_state(), None
-        session = self.sessions.create(model, state, next_logprobs)
+            resume_state, last_token = state, -1
+        if self.token_keys is None:  # no state tokens: nothing to keep for them
+            resume_state, last_token = None, -1
+        session = self.sessions.create(model, state, next_logprobs, resume_state, last_token)
         try:
-            return await self._append(session, None, top_k, field, encoded)
+            return await self.append_to(session, None, top_k, field, encoded)
         except BaseException:
             if session.id in self.sessions:
                 self.sessions.close(session.id)
             raise
 
-    async def _append(self, session: Session, message: pb.Input | None, top_k: int,
-                      field: str, encoded: Encoded | None = None) -> pb.SessionResponse:
+    async def find_session(self, session_id: str, token: bytes) -> Session:
+        """The session to append to: held here, or resumed from its state token."""
+        if not token:
+            return self.sessions.get(session_id)
+        snapshot = self._open(token)
+        if session_id and session_id != snapshot.session_id:
+            raise invalid("state_token", f"is for session {snapshot.session_id!r}, not "
+                          f"{session_id!r}")
+        held = self.sessions.peek(snapshot.session_id)
+        if held is not None and held.position == snapshot.position and (
+                held.model.name, held.model.version) == (snapshot.model, snapshot.version):
+            return self.sessions.get(snapshot.session_id)
+        return await self._resume(snapshot)
+
+    def _open(self, token: bytes) -> Snapshot:
+        if self.token_keys is None:
+            raise failed_precondition("state_token", "this server has no state token keys "
+                                      "(--state-token-keys), so it cannot resume sessions",
+                                      "STATE_TOKENS_DISABLED")
+        try:
+            return self.token_keys.open(token)
+        except TokenRejected as rejected:
+            if rejected.precondition:
+                raise failed_precondition("state_token", str(rejected),
+                                          "STATE_TOKEN_UNUSABLE") from None
+            raise invalid("state_token", str(rejected)) from None
+
+    async def _resume(self, snapshot: Snapshot) -> Session:
+        try:
+            model = self.repository.get(snapshot.model, snapshot.version)
+        except ServiceError:
+            raise failed_precondition(
+                "state_token", f"is for model {snapshot.model}/{snapshot.version}, which this "
+                f"server does not serve", "STATE_TOKEN_UNUSABLE") from None
+        if (why_not := model.sessions_allowed) is not None:
+            raise failed_precondition("state_token", why_not, "STATE_TOKEN_UNUSABLE")
+        expected = model.runtime.artifact.state_shape
+        if snapshot.state.shape != tuple(expected) or (
+                model.task == "lm") != (snapshot.last_token >= 0):
+            raise failed_precondition("state_token", f"holds a state of shape "
+                                      f"{snapshot.state.shape}; {model.label} has {expected}",
+                                      "STATE_TOKEN_UNUSABLE")
+        if model.task == "lm":
+            if snapshot.last_token >= len(model.runtime.vocab):
+                raise failed_precondition("state_token", "holds a token outside the "
+                                          "vocabulary", "STATE_TOKEN_UNUSABLE")
+            step = await operations.resume(model, snapshot.state, snapshot.last_token)
+            state, next_logprobs = step.state, step.next_logprobs
+        else:
+            state, next_logprobs = snapshot.state, None
+        return self.sessions.create(model, state, next_logprobs, snapshot.state,
+                                    snapshot.last_token, snapshot.session_id, snapshot.position)
+
+    async def append_to(self, session: Session, message: pb.Input | None, top_k: int,
+                        field: str, encoded: Encoded | None = None,
+                        allow_empty: bool = False) -> pb.SessionResponse:
         model = session.model
         _check_top_k(top_k, model)
         if encoded is None:
             encoded = encode(message, model.runtime.vocab, field,
-                             self.config.max_tokens_per_sequence)
+                             self.config.max_tokens_per_sequence, allow_empty=allow_empty,
+                             optional=allow_empty)
         async with session.lock:
             session = self.sessions.get(session.id)  # it may have gone while waiting
+            position = session.position + len(encoded.ids)
             response = pb.SessionResponse(session_id=session.id, model=model_ref(model),
-                                          position=session.position + len(encoded.ids),
-                                          unknown_count=encoded.unknown)
+                                          position=position, unknown_count=encoded.unknown)
             next_logprobs = session.next_logprobs
+            resume_state, last_token = session.resume_state, session.last_token
             if len(encoded.ids):
+                keep = self.token_keys is not None and model.task == "lm"
                 step = await operations.advance(model, session.state, session.next_logprobs,
-                                                encoded.ids, self.config.chunk_tokens)
+                                                encoded.ids, self.config.chunk_tokens, keep)
+                if self.token_keys is None:
+                    pass  # no state tokens: nothing to keep for them
+                elif model.task == "lm":
+                    resume_state, last_token = step.previous, int(encoded.ids[-1])
+                else:
+                    resume_state = step.state
                 # (if the session was evicted meanwhile, this Append still answers)
                 self.sessions.update(session, step.state, step.next_logprobs,
-                                     len(encoded.ids))
+                                     len(encoded.ids), resume_state, last_token)
                 kind = {"lm": "scored", "tag": "tagged", "classify": "classified"}[model.task]
                 self.metrics.tokens.labels(model.label, kind).inc(len(encoded.ids))
                 _describe(response, model, encoded, step)
@@ -258,6 +343,9 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 response.next_tokens.extend(
                     pb.Token(id=i, text=vocab.tokens[i], logprob=lp)
                     for i, lp in operations.top_k(next_logprobs, top_k))
+            if self.token_keys is not None and resume_state is not None:
+                response.state_token = self.token_keys.seal(Snapshot(
+                    model.name, model.version, position, resume_state, last_token, session.id))
             return response
 
 

@@ -151,14 +151,16 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., prefix: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
-    __slots__ = ("session_id", "input", "top_k")
+    __slots__ = ("session_id", "input", "top_k", "state_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     input: Input
     top_k: int
-    def __init__(self, session_id: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    state_token: bytes
+    def __init__(self, session_id: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ..., state_token: _Optional[bytes] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -171,14 +173,16 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ConverseRequest(_message.Message):
-    __slots__ = ("model", "input", "top_k")
+    __slots__ = ("model", "input", "top_k", "state_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     input: Input
     top_k: int
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    state_token: bytes
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ..., state_token: _Optional[bytes] = ...) -> None: ...
 
 class TaggedToken(_message.Message):
     __slots__ = ("token", "tag", "logprob")
@@ -199,7 +203,7 @@ class ClassProbability(_message.Message):
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("session_id", "model", "position", "tokens", "next_tokens", "tags", "classes", "unknown_count")
+    __slots__ = ("session_id", "model", "position", "tokens", "next_tokens", "tags", "classes", "unknown_count", "state_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +212,7 @@ class SessionResponse(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     position: int
@@ -216,7 +221,8 @@ class SessionResponse(_message.Message):
     tags: _containers.RepeatedCompositeFieldContainer[TaggedToken]
     classes: _containers.RepeatedCompositeFieldContainer[ClassProbability]
     unknown_count: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., next_tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., tags: _Optional[_Iterable[_Union[TaggedToken, _Mapping]]] = ..., classes: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., unknown_count: _Optional[int] = ...) -> None: ...
+    state_token: bytes
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., next_tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., tags: _Optional[_Iterable[_Union[TaggedToken, _Mapping]]] = ..., classes: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., unknown_count: _Optional[int] = ..., state_token: _Optional[bytes] = ...) -> None: ...
 
 class TagRequest(_message.Message):
     __slots__ = ("model", "inputs")
