@@ -122,6 +122,7 @@ def test_a_deadline_stops_a_completion_at_the_next_step(server):
     time.sleep(0.5)
     assert generated(server) == stopped
     assert 0 < stopped < 100_000
+    assert server.metric("recur_queue_depth", model="endless/1") == 0  # its slot is free
 
 
 def test_a_cancelled_completion_stops_using_compute(server):
@@ -138,6 +139,7 @@ def test_a_cancelled_completion_stops_using_compute(server):
     assert stopped - before < 100_000
     assert server.metric("recur_requests_total", service="LanguageModel", method="Complete",
                          code="CANCELLED") >= 1
+    assert server.metric("recur_queue_depth", model="endless/1") == 0  # its slot is free
 
 
 def test_time_to_first_token_is_observed(server):
