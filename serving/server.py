@@ -5,6 +5,11 @@ A request's path: a servicer in serving/services/ validates it and tokenizes
 (serving/batching.py) groups steps of all requests into one call of the ModelRuntime
 (serving/runtime.py), which runs the ONNX graph in ONNX Runtime.
 
+Services: recur.v1 (serving/services/), the Open Inference Protocol
+(services/inference_v2.py) on the same models and sessions, health and reflection, each
+registered through serving/wire.py (undecodable requests are INVALID_ARGUMENT). The
+serving port may require TLS, client certificates and bearer tokens (serving/security.py).
+
 Health: `grpc.health.v1` on the serving port and, with `health_port`, alone on a plaintext
 port for probes. Service "" (and each recur.v1 service) is SERVING while the server takes
 requests: the readiness probe. Service "liveness" stays SERVING as long as the event loop
