@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import demo_config
 
@@ -120,3 +121,29 @@ def test_learning_rate_schedules(synth_dir, tmp_path):
     valid = [r for r in records if r["split"] == "valid"]
     assert all(r["tokens"] == seen[r["step"]] for r in valid)
     assert [r["tokens"] for r in valid] == sorted({r["tokens"] for r in valid})
+
+
+def test_decay_over_the_last_epochs(synth_dir, tmp_path):
+    """decay_last = 2 of 5 epochs: the last two train at a halved, then quartered rate."""
+    small = synth_dir / "lm" / "valid.txt"
+    config = demo_config("demo-lm", synth_dir, f'data.train="{small}"', "train.epochs=5",
+                         "optimizer.decay_last=2", "optimizer.decay_factor=0.5",
+                         "optimizer.plateau_factor=1.0")
+    train(config, tmp_path / "last")
+    records = [json.loads(line) for line in (tmp_path / "last" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [r["lr"] for r in records if r["split"] == "valid"] == [
+        0.01, 0.01, 0.01, 0.005, 0.0025]
+
+
+def test_epochs_left_under_a_time_budget():
+    """The anneal starts when only decay_last epochs fit the budget at the pace so far."""
+    from training.config import TrainConfig
+    from training.train import _epochs_left
+
+    budget = TrainConfig(max_minutes=60.0, epochs=40)
+    assert _epochs_left(budget, 30, elapsed_s=9 * 270.0, epochs_done_here=9) == pytest.approx(
+        (3600 - 9 * 270) / 270)  # 4.33 epochs of 270 s still fit
+    assert _epochs_left(budget, 2, elapsed_s=600.0, epochs_done_here=2) == 2.0  # count ends first
+    assert _epochs_left(budget, 30, elapsed_s=4000.0, epochs_done_here=9) == 0.0
+    assert _epochs_left(TrainConfig(epochs=10), 7, 100.0, 3) == 7.0  # no budget: by count

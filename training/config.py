@@ -90,6 +90,10 @@ class OptimizerConfig:
     min_lr: float = 0.0
     decay_after: int = 0  # from this epoch on, multiply lr by decay_factor each epoch (0: off)
     decay_factor: float = 1.0
+    # the last K epochs run decayed (lr times decay_factor at each epoch's end), counted
+    # from train.epochs or, under train.max_minutes, from the epochs that still fit the
+    # budget at the pace so far: the anneal happens however fast the machine is (0: off)
+    decay_last: int = 0
 
 
 @dataclass
@@ -215,6 +219,7 @@ def validate(config: Config) -> None:
         (0.0 < o.plateau_factor <= 1.0, "optimizer.plateau_factor", "must be in (0, 1]"),
         (0.0 < o.decay_factor <= 1.0, "optimizer.decay_factor", "must be in (0, 1]"),
         (o.decay_after >= 0, "optimizer.decay_after", "must be >= 0"),
+        (o.decay_last >= 0, "optimizer.decay_last", "must be >= 0"),
     ]
     for ok, key, message in checks:
         if not ok:

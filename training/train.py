@@ -164,7 +164,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
     model = distributed.wrap(model, world, device)
     log = MetricLog(run_dir, progress.step if resume else None, enabled=world.is_main)
     epochs = 1 if dry_run else t.epochs
-    started = time.monotonic()
+    started, first_epoch = time.monotonic(), progress.epoch
     stopped_early = False
 
     def save_last() -> None:
@@ -238,8 +238,11 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
                     save_last()
             bar.close()
             progress.epoch, progress.index = progress.epoch + 1, 0
+            left = distributed.from_main(world, _epochs_left(
+                t, epochs - progress.epoch, time.monotonic() - started,
+                progress.epoch - first_epoch))
             _end_of_epoch(task, distributed.unwrap(model), optimizer, progress, config, log,
-                          run_dir, device, world)
+                          run_dir, device, world, left)
             save_last()
     log.close()
     if not world.is_main:
@@ -285,8 +288,18 @@ def _train_record(task, progress: Progress, window: dict) -> dict:
     return record
 
 
+def _epochs_left(t, by_count: int, elapsed_s: float, epochs_done_here: int) -> float:
+    """Epochs still to train: those the config asks for, or fewer when the time budget
+    (at this process's pace so far, evaluation included) ends the run first."""
+    if t.max_minutes <= 0 or epochs_done_here <= 0:
+        return float(by_count)
+    per_epoch = elapsed_s / epochs_done_here
+    return min(float(by_count), max(0.0, t.max_minutes * 60 - elapsed_s) / per_epoch)
+
+
 def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, log: MetricLog,
-                  run_dir: Path, device, world: distributed.World) -> None:
+                  run_dir: Path, device, world: distributed.World,
+                  epochs_left: float = math.inf) -> None:
     """Validation and the learning-rate schedule. Every rank evaluates the same weights;
     rank 0's result decides, so the schedules cannot drift apart."""
     result = distributed.from_main(world, task.evaluate(model, "valid", device))
@@ -309,7 +322,8 @@ def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, lo
         progress.bad_epochs += 1
         if progress.bad_epochs > o.plateau_patience and o.plateau_factor < 1.0:
             lr, progress.bad_epochs = lr * o.plateau_factor, 0
-    if o.decay_after and progress.epoch >= o.decay_after:
+    if ((o.decay_after and progress.epoch >= o.decay_after)
+            or (o.decay_last and epochs_left <= o.decay_last)):
         lr *= o.decay_factor
     lr = max(o.min_lr, lr)
     if lr != progress.lr:
