@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.sampler import SamplingParams, make_rng, sample_next
+from serving.sampler import SamplingParams, draw, make_rng, sample_next
 
 LOGPROBS = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
 
@@ -54,3 +54,21 @@ def test_sample_is_always_a_valid_kept_token(raw, top_k, top_p, temperature, see
     if top_k:
         # never outside the k most likely (ties broken by position, as the sampler does)
         assert token in np.argsort(-logprobs, kind="stable")[:top_k]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1.0)), min_size=1, max_size=700),
+       st.floats(0.0, 1.0, exclude_max=True))
+def test_two_level_draw_is_the_inverse_cdf(weights, u):
+    """draw() picks what one cumulative sum over all weights would (the blocks only change
+    the order of additions), and never a zero weight."""
+    w = np.array(weights)
+    if not w.any():
+        w[len(w) // 2] = 1.0
+    index = draw(w, u)
+    assert w[index] > 0
+    cumulative = np.cumsum(w)
+    target = u * cumulative[-1]
+    expected = min(int(np.searchsorted(cumulative, target, side="right")), len(w) - 1)
+    if index != expected:  # only where the target sits on a boundary, within rounding
+        assert abs(cumulative[min(index, expected)] - target) <= 1e-9 * cumulative[-1]

@@ -140,9 +140,23 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         stops = _Stops(set(request.stop_token_ids), list(request.stop))
         active = [_Sample(i, make_rng(seed, i), start.state, start.next_logprobs)
                   for i in range(samples)]
+        outbox = _Outbox(context, WRITE_AHEAD * samples)
+        try:
+            await self._complete(model, params, max_tokens, stops, active, outbox, started)
+            await outbox.close()
+        finally:
+            outbox.cancel()
+
+    async def _complete(self, model: LoadedModel, params: SamplingParams, max_tokens: int,
+                        stops: _Stops, active: list[_Sample], outbox: _Outbox,
+                        started: float) -> None:
+        """The decoding loop: sample, hand the tokens to the outbox, submit every sample's
+        next step, wait for the batch that runs them."""
+        vocab = model.runtime.vocab
         first = True
         while active:
             if self.closing.is_set():
+                await outbox.close()  # what was generated is delivered before the status
                 raise shutting_down()
             messages, steps = [], []
             for sample in active:
@@ -167,7 +181,7 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
             generated = sum(1 for m in messages if m.HasField("token"))
             self.metrics.tokens.labels(model.label, "generated").inc(generated)
             for message in messages:
-                await context.write(message)
+                await outbox.put(message)
                 if first:
                     self.metrics.first_token.labels(model.label).observe(
                         time.perf_counter() - started)
@@ -347,6 +361,40 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 response.state_token = self.token_keys.seal(Snapshot(
                     model.name, model.version, position, resume_state, last_token, session.id))
             return response
+
+
+# Messages a completion may have waiting to be written, per sample: beyond that a client
+# that reads slowly holds its completion back (gRPC's flow control does the rest).
+WRITE_AHEAD = 64
+
+
+class _Outbox:
+    """A completion's messages, written by a task of their own. The decoding loop hands a
+    token over and goes straight on to submit its next step: waiting for gRPC's write, whose
+    completions come back at staggered times, would make the streams submit at staggered
+    times too, and the shared batches would split into small ones."""
+
+    def __init__(self, context, limit: int):
+        self._queue: asyncio.Queue = asyncio.Queue(limit)
+        self._writer = asyncio.ensure_future(self._write_all(context))
+
+    async def _write_all(self, context) -> None:
+        while (message := await self._queue.get()) is not None:
+            await context.write(message)
+
+    async def put(self, message) -> None:
+        if self._writer.done():
+            self._writer.result()  # a write failed: its error ends the completion
+        await self._queue.put(message)
+
+    async def close(self) -> None:
+        """Returns when every message handed over has been written."""
+        if not self._writer.done():
+            await self._queue.put(None)
+        await self._writer
+
+    def cancel(self) -> None:
+        self._writer.cancel()
 
 
 class _Window:
