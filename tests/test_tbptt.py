@@ -105,15 +105,20 @@ def test_recipe_configs_all_validate():
         load_config(path)
 
 
+def _train_small(synth_dir, run_dir, *overrides: str) -> list[dict]:
+    """Trains demo-lm on a small file (fast epochs) at a schedule; its metric records."""
+    small = synth_dir / "lm" / "valid.txt"
+    config = demo_config("demo-lm", synth_dir, f'data.train="{small}"',
+                         "optimizer.decay_factor=0.5", "optimizer.plateau_factor=1.0",
+                         *overrides)
+    train(config, run_dir)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_learning_rate_schedules(synth_dir, tmp_path):
     """Epoch decay: constant, then halved after every epoch from epoch 2 on."""
-    small = synth_dir / "lm" / "valid.txt"  # a small training file: fast epochs
-    config = demo_config("demo-lm", synth_dir, f'data.train="{small}"', "train.epochs=4",
-                         "optimizer.decay_after=2", "optimizer.decay_factor=0.5",
-                         "optimizer.plateau_factor=1.0")
-    train(config, tmp_path / "decay")
-    records = [json.loads(line) for line in (tmp_path / "decay" / "metrics.jsonl").read_text()
-               .splitlines()]
+    records = _train_small(synth_dir, tmp_path / "decay", "train.epochs=4",
+                           "optimizer.decay_after=2")
     rates = [r["lr"] for r in records if r["split"] == "valid"]
     assert rates == [0.01, 0.01, 0.005, 0.0025]  # the rate each epoch trained with
     # validation points sit at the training tokens seen, for the learning curve
@@ -125,13 +130,8 @@ def test_learning_rate_schedules(synth_dir, tmp_path):
 
 def test_decay_over_the_last_epochs(synth_dir, tmp_path):
     """decay_last = 2 of 5 epochs: the last two train at a halved, then quartered rate."""
-    small = synth_dir / "lm" / "valid.txt"
-    config = demo_config("demo-lm", synth_dir, f'data.train="{small}"', "train.epochs=5",
-                         "optimizer.decay_last=2", "optimizer.decay_factor=0.5",
-                         "optimizer.plateau_factor=1.0")
-    train(config, tmp_path / "last")
-    records = [json.loads(line) for line in (tmp_path / "last" / "metrics.jsonl").read_text()
-               .splitlines()]
+    records = _train_small(synth_dir, tmp_path / "last", "train.epochs=5",
+                           "optimizer.decay_last=2")
     assert [r["lr"] for r in records if r["split"] == "valid"] == [
         0.01, 0.01, 0.01, 0.005, 0.0025]
 
