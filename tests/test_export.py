@@ -63,17 +63,23 @@ def test_graph_layout_keeps_projections_outside_the_loop(tmp_path):
 
     assert not forbidden & set(all_ops(graph))
     first_loop, last_loop = ops.index("Loop"), len(ops) - 1 - ops[::-1].index("Loop")
-    # embedding Gather and the first input projection before the first Loop
-    assert "Gather" in ops[:first_loop] and "MatMul" in ops[:first_loop]
-    # output projection and LogSoftmax after the last Loop
-    assert "MatMul" in ops[last_loop:] and "LogSoftmax" in ops[last_loop:]
-    # the body holds one MatMul: the recurrent product, nothing over the vocabulary
-    body = next(a.g for n in graph.node if n.op_type == "Loop" for a in n.attribute)
-    body_ops = [n.op_type for n in body.node]
-    assert body_ops.count("MatMul") == 1 and "LogSoftmax" not in body_ops
     initializers = {i.name: i for i in graph.initializer}
-    body_matmul = next(n for n in body.node if n.op_type == "MatMul")
-    assert list(initializers[body_matmul.input[1]].dims) == [12, 48]  # W_hh^T, H x 4H
+
+    def weight_shapes(nodes, op):
+        return [list(initializers[n.input[1]].dims) for n in nodes if n.op_type == op]
+
+    # embedding Gather and the first input projection [D, 4H] before the first Loop
+    assert "Gather" in ops[:first_loop]
+    assert weight_shapes(graph.node[:first_loop], "Gemm") == [[12, 48]]
+    # output projection [H, V] and LogSoftmax after the last Loop
+    assert weight_shapes(graph.node[last_loop:], "Gemm") == [[12, 23]]
+    assert "LogSoftmax" in ops[last_loop:]
+    # the body holds one MatMul, the recurrent product W_hh^T [H, 4H], and a few
+    # element-wise kernels: no masking (final states are picked after the Loop)
+    body = next(a.g for n in graph.node if n.op_type == "Loop" for a in n.attribute)
+    assert weight_shapes(body.node, "MatMul") == [[12, 48]]
+    body_ops = [n.op_type for n in body.node]
+    assert "LogSoftmax" not in body_ops and "Where" not in body_ops and len(body_ops) <= 12
 
 
 def test_checker_passes_with_full_check():
@@ -130,3 +136,37 @@ def test_a_graph_that_differs_from_torch_is_refused(tmp_path):
         model.stack.forward_layers[-1].weight_hh.mul_(1.01)
     with pytest.raises(ExportMismatch, match="differs from the torch model"):
         verify(model, runtime)
+
+
+@pytest.mark.parametrize("kind", ["lm", "classifier-bi-mean", "classifier-bi-max",
+                                  "tagger-bi", "classifier-uni"])
+def test_padding_never_reaches_a_rows_results(kind, tmp_path):
+    """The Loop body does not mask: a padded row keeps stepping past its length. With
+    ReLU weights that grow without bound over the padding (to inf within the 400 steps),
+    the short row still gets exactly what it gets alone."""
+    model = MODELS[kind]("elman_relu").eval()
+    with torch.no_grad():
+        for layer in model.stack.forward_layers + list(model.stack.backward_layers or []):
+            layer.weight_hh.copy_(3.0 * torch.eye(layer.hidden_size).repeat(1, 1))
+            layer.bias.fill_(1.0)
+    runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1"))
+    tokens = np.random.default_rng(0).integers(0, 23, (2, 400))
+    lengths = np.array([400, 5])
+    if kind == "lm":
+        both = runtime.run_lm(tokens, lengths, targets=tokens)
+        alone = runtime.run_lm(tokens[1:, :5], lengths[1:], targets=tokens[1:, :5])
+        assert np.isfinite(both.next_logprobs[1]).all()
+        np.testing.assert_allclose(both.token_logprobs[1, :5], alone.token_logprobs[0],
+                                   atol=1e-5)
+        np.testing.assert_allclose(both.next_logprobs[1], alone.next_logprobs[0], atol=1e-5)
+        np.testing.assert_allclose(both.state.numpy()[:, 1], alone.state.numpy()[:, 0],
+                                   rtol=1e-5)
+        return
+    both, both_state = runtime.run_encoder(tokens, lengths)
+    alone, alone_state = runtime.run_encoder(tokens[1:, :5], lengths[1:])
+    row = both[1, :5] if both.ndim == 3 else both[1]
+    assert np.isfinite(row).all()
+    np.testing.assert_allclose(row, alone[0], atol=1e-5)
+    if both_state is not None:
+        np.testing.assert_allclose(both_state.numpy()[:, 1], alone_state.numpy()[:, 0],
+                                   rtol=1e-5)

@@ -21,7 +21,7 @@ import torch
 from onnx import helper
 
 from training.bench import REPO, fill_readme
-from training.export.graph import _Builder, build_graph
+from training.export.graph import Dims, _Builder, build_graph
 from training.models.language_model import RecurrentLM
 
 RESULTS = REPO / "bench" / "export.json"
@@ -29,9 +29,9 @@ VOCAB, LAYERS, SCORE_SHAPE = 10_000, 2, (32, 256)
 ONNX_GATES = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2]}  # ours (i,f,g,o)/(r,z,n) -> ONNX order
 
 
-def _fused_op_stack(g: _Builder, stack, x, lengths, state, steps, batch):
+def _fused_op_stack(g: _Builder, stack, x, dims: Dims, state):
     """The recurrence as ONNX's fused RNN / LSTM / GRU operators, one per layer."""
-    lengths32 = g.op("Cast", [lengths], to=onnx.TensorProto.INT32)
+    lengths32 = g.op("Cast", [dims.lengths], to=onnx.TensorProto.INT32)
     finals = []
     for index, layer in enumerate(stack.forward_layers):
         h = layer.hidden_size

@@ -6,7 +6,8 @@ for all steps as one MatMul before its Loop; the output projection and LogSoftma
 the last one), so the body holds only the recurrent product. Everything inside the graph
 is time-major ([T, B, ...]); one Loop per layer and direction, its trip count read from
 the input's shape, so the same graph runs T = 1 and T = 5000 and its size does not
-depend on T. Steps past a row's length keep that row's state (Where on `lengths`).
+depend on T. A row's final state is its state at its own length (`lengths`), picked from
+the Loop's per-step outputs; the steps past it change nothing the caller reads.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class _Builder:
     def __init__(self, counter: list[int] | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
         self._counter = counter if counter is not None else [0]
 
     def fresh(self, prefix: str) -> str:
@@ -53,70 +55,126 @@ class _Builder:
         return names[0] if len(names) == 1 else names
 
 
-def _cell_body(g: _Builder, layer: RecurrentLayer, projected: str, lengths: str, w_hh_t: str,
-               b_hn: str | None) -> onnx.GraphProto:
-    """One step: x_t = projected[t]; new state from x_t and the previous state; rows whose
-    length is <= t keep their state."""
+def _gate_order(layer: RecurrentLayer) -> list[int]:
+    """Gate blocks in the order the body wants them. LSTM: PyTorch's (i, f, g, o) becomes
+    (i, f, o, g), so one Sigmoid covers the three sigmoid gates; GRU's (r, z, n) already
+    has its two sigmoid gates first."""
+    return [0, 1, 3, 2] if layer.cell == "lstm" else list(range(layer.weight_ih.shape[0]
+                                                                // layer.hidden_size))
+
+
+def _by_gate(layer: RecurrentLayer, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s gate blocks (along its first axis) reordered by _gate_order."""
+    order = _gate_order(layer)
+    return tensor.reshape(len(order), layer.hidden_size, -1)[order].reshape(tensor.shape)
+
+
+def _cell_body(g: _Builder, layer: RecurrentLayer, projected: str, w_hh_t: str,
+               bias_hh: str | None) -> onnx.GraphProto:
+    """One step: the new state from x_t = projected[t] and the previous state.
+
+    There is no masking: padding always sits at the end of a row (the backward direction
+    reads its rows reversed within their lengths), so a row's steps past its length only
+    produce outputs nobody reads, and its final state is taken from the step outputs at
+    its length after the Loop. Each node here runs once per step, so the body is kept to
+    the fewest kernels: about 11 for an LSTM, where masking and packed states took 18."""
     b = g.child()
-    h_size, s_size = layer.hidden_size, layer.state_size
-    step, cond, prev = b.fresh("t"), b.fresh("cond"), b.fresh("state_prev")
+    h_size = layer.hidden_size
+    step, cond = b.fresh("t"), b.fresh("cond")
+    carried = [b.fresh("h_prev")] + ([b.fresh("c_prev")] if layer.cell == "lstm" else [])
+    h_prev = carried[0]
     x_t = b.op("Gather", [projected, step], axis=0)  # [B, G*H]
+    recurrent = b.op("MatMul", [h_prev, w_hh_t])
+    if bias_hh is not None:
+        recurrent = b.op("Add", [recurrent, bias_hh])
     if layer.cell.startswith("elman"):
-        pre = b.op("Add", [x_t, b.op("MatMul", [prev, w_hh_t])])
-        h = b.op("Tanh" if layer.cell == "elman_tanh" else "Relu", [pre])
-        candidate = h
-    elif layer.cell == "lstm":
-        h_prev, c_prev = b.op("Split", [prev], 2, axis=1)
-        gates = b.op("Add", [x_t, b.op("MatMul", [h_prev, w_hh_t])])
-        i, f, cand, o = b.op("Split", [gates], 4, axis=1)
-        c = b.op("Add", [b.op("Mul", [b.op("Sigmoid", [f]), c_prev]),
-                         b.op("Mul", [b.op("Sigmoid", [i]), b.op("Tanh", [cand])])])
-        h = b.op("Mul", [b.op("Sigmoid", [o]), b.op("Tanh", [c])])
-        candidate = b.op("Concat", [h, c], axis=1)
+        h = b.op("Tanh" if layer.cell == "elman_tanh" else "Relu",
+                 [b.op("Add", [x_t, recurrent])])
+        new = [h]
+    elif layer.cell == "lstm":  # gates (i, f, o, g), see _gate_order
+        gates = b.op("Add", [x_t, recurrent])
+        sigmoid_part, g_part = b.op("Split", [gates, b.const([3 * h_size, h_size],
+                                                             dtype=np.int64)], 2, axis=1)
+        i, f, o = b.op("Split", [b.op("Sigmoid", [sigmoid_part])], 3, axis=1)
+        c = b.op("Add", [b.op("Mul", [f, carried[1]]),
+                         b.op("Mul", [i, b.op("Tanh", [g_part])])])
+        h = b.op("Mul", [o, b.op("Tanh", [c])])
+        new = [h, c]
     else:  # gru, PyTorch's formulation (ONNX's linear_before_reset = 1)
-        x_r, x_z, x_n = b.op("Split", [x_t], 3, axis=1)
-        h_r, h_z, h_n = b.op("Split", [b.op("MatMul", [prev, w_hh_t])], 3, axis=1)
-        r = b.op("Sigmoid", [b.op("Add", [x_r, h_r])])
-        z = b.op("Sigmoid", [b.op("Add", [x_z, h_z])])
-        n = b.op("Tanh", [b.op("Add", [x_n, b.op("Mul", [r, b.op("Add", [h_n, b_hn])])])])
-        h = b.op("Add", [n, b.op("Mul", [z, b.op("Sub", [prev, n])])])  # (1-z) n + z h
-        candidate = h
-    valid = b.op("Unsqueeze", [b.op("Less", [step, lengths]), b.const([1], dtype=np.int64)])
-    new_state = b.op("Where", [valid, candidate, prev])
-    cond_out = b.op("Identity", [cond])
+        sizes = b.const([2 * h_size, h_size], dtype=np.int64)
+        x_rz, x_n = b.op("Split", [x_t, sizes], 2, axis=1)
+        h_rz, h_n = b.op("Split", [recurrent, sizes], 2, axis=1)
+        r, z = b.op("Split", [b.op("Sigmoid", [b.op("Add", [x_rz, h_rz])])], 2, axis=1)
+        n = b.op("Tanh", [b.op("Add", [x_n, b.op("Mul", [r, h_n])])])
+        h = b.op("Add", [n, b.op("Mul", [z, b.op("Sub", [h_prev, n])])])  # (1-z) n + z h
+        new = [h]
+
+    def state_info(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, FLOAT, ["batch", h_size])
+
+    # outputs: condition (passed through), the carried states, then the same states
+    # stacked over steps
     return helper.make_graph(
         b.nodes, b.fresh("step_body"),
         [helper.make_tensor_value_info(step, INT64, []),
-         helper.make_tensor_value_info(cond, BOOL, []),
-         helper.make_tensor_value_info(prev, FLOAT, ["batch", s_size])],
-        [helper.make_tensor_value_info(cond_out, BOOL, []),
-         helper.make_tensor_value_info(new_state, FLOAT, ["batch", s_size]),
-         helper.make_tensor_value_info(h, FLOAT, ["batch", h_size])],
+         helper.make_tensor_value_info(cond, BOOL, []), *map(state_info, carried)],
+        [helper.make_tensor_value_info(cond, BOOL, []), *map(state_info, new),
+         *map(state_info, new)],
         initializer=b.initializers)
 
 
-def _recurrence(g: _Builder, layer: RecurrentLayer, projected: str, lengths: str, state: str,
-                steps: str) -> tuple[str, str]:
+class Dims:
+    """Run-time sizes the graph derives once from its inputs: the batch [1], the number of
+    steps (a scalar, the Loops' trip count), [T, B], and for picking each row's final
+    state, the index of its last step [B, 2] and whether it has any step [B, 1]."""
+
+    def __init__(self, g: _Builder, tokens_tm: str, lengths: str):
+        one = g.const([1], dtype=np.int64)
+        self.lengths = lengths
+        self.time_batch = g.op("Shape", [tokens_tm])
+        self.steps = g.op("Gather", [self.time_batch, g.const(0, dtype=np.int64)], axis=0)
+        self.batch = g.op("Slice", [self.time_batch, one, g.const([2], dtype=np.int64)])
+        rows = g.op("Range", [g.const(0, dtype=np.int64), g.op("Squeeze", [self.batch]),
+                              g.const(1, dtype=np.int64)])
+        last = g.op("Sub", [lengths, one])
+        self.last_step = g.op("Concat", [g.op("Unsqueeze", [last, one]),
+                                         g.op("Unsqueeze", [rows, one])], axis=1)
+        self.nonempty = g.op("Unsqueeze", [g.op("Greater", [lengths,
+                                                            g.const(0, dtype=np.int64)]), one])
+
+
+def _recurrence(g: _Builder, layer: RecurrentLayer, projected: str, dims: Dims,
+                state: str) -> tuple[str, str]:
     """A Loop over T steps of `projected` [T,B,G*H] from `state` [B,S].
-    Returns (final state [B,S], outputs [T,B,H])."""
-    w_hh_t = g.const(layer.weight_hh.t())
-    b_hn = g.const(layer.bias_hn) if layer.bias_hn is not None else None
-    body = _cell_body(g, layer, projected, lengths, w_hh_t, b_hn)
+    Returns (each row's state at its length [B,S], outputs [T,B,H])."""
+    w_hh_t = g.const(_by_gate(layer, layer.weight_hh).t())
+    bias_hh = None
+    if layer.bias_hn is not None:  # GRU: b_hn sits inside the reset gate's product
+        bias_hh = g.const(torch.cat([torch.zeros(2 * layer.hidden_size), layer.bias_hn]))
+    body = _cell_body(g, layer, projected, w_hh_t, bias_hh)
     keep_going = g.const(True, dtype=np.bool_)
-    final, outputs = g.op("Loop", [steps, keep_going, state], 2, body=body)
-    return final, outputs
+    if layer.cell == "lstm":
+        initial = g.op("Split", [state], 2, axis=1)
+        _, _, outputs, cells = g.op("Loop", [dims.steps, keep_going, *initial], 4, body=body)
+        per_step = [outputs, cells]
+    else:
+        _, outputs = g.op("Loop", [dims.steps, keep_going, state], 2, body=body)
+        per_step = [outputs]
+    at_length = [g.op("GatherND", [s, dims.last_step]) for s in per_step]
+    final = at_length[0] if len(at_length) == 1 else g.op("Concat", at_length, axis=1)
+    return g.op("Where", [dims.nonempty, final, state]), outputs
 
 
-def _stack(g: _Builder, stack: RecurrentStack, x: str, lengths: str, state: str | None,
-           steps: str, batch: str) -> tuple[str, list[str], list[str]]:
+def _stack(g: _Builder, stack: RecurrentStack, x: str, dims: Dims,
+           state: str | None) -> tuple[str, list[str], list[str]]:
     """Runs the stack on x [T,B,D]. Returns (outputs [T,B,F], forward finals, backward finals)."""
     forward_finals, backward_finals = [], []
     for index, forward in enumerate(stack.forward_layers):
         layers = [forward] + ([stack.backward_layers[index]] if stack.bidirectional else [])
-        # one MatMul projects the input for every step (and both directions)
-        weight = torch.cat([layer.weight_ih for layer in layers], 0).t()
-        bias = torch.cat([layer.bias for layer in layers], 0)
-        projected = g.op("Add", [g.op("MatMul", [x, g.const(weight)]), g.const(bias)])
+        # one Gemm projects the input for every step (and both directions)
+        weight = torch.cat([_by_gate(layer, layer.weight_ih) for layer in layers], 0)
+        bias = torch.cat([_by_gate(layer, layer.bias) for layer in layers], 0)
+        projected = _affine(g, x, weight, bias, dims)
         parts = (g.op("Split", [projected], 2, axis=2) if stack.bidirectional else [projected])
         initial = []
         for layer in layers:
@@ -124,16 +182,17 @@ def _stack(g: _Builder, stack: RecurrentStack, x: str, lengths: str, state: str 
                 initial.append(g.op("Gather", [state, g.const(index, dtype=np.int64)], axis=0))
             else:  # bidirectional encoders start every text from h0 (zero unless learned)
                 h0 = layer.initial_state(1)
-                shape = g.op("Concat", [batch, g.const([layer.state_size], dtype=np.int64)],
-                             axis=0)
+                shape = g.op("Concat", [dims.batch, g.const([layer.state_size],
+                                                             dtype=np.int64)], axis=0)
                 initial.append(g.op("Expand", [g.const(h0.detach()), shape]))
-        final, out_forward = _recurrence(g, forward, parts[0], lengths, initial[0], steps)
+        final, out_forward = _recurrence(g, forward, parts[0], dims, initial[0])
         forward_finals.append(final)
         if stack.bidirectional:
-            reversed_in = g.op("ReverseSequence", [parts[1], lengths], batch_axis=1, time_axis=0)
-            final_b, out_b = _recurrence(g, layers[1], reversed_in, lengths, initial[1], steps)
+            reversed_in = g.op("ReverseSequence", [parts[1], dims.lengths], batch_axis=1,
+                               time_axis=0)
+            final_b, out_b = _recurrence(g, layers[1], reversed_in, dims, initial[1])
             backward_finals.append(final_b)
-            out_backward = g.op("ReverseSequence", [out_b, lengths], batch_axis=1, time_axis=0)
+            out_backward = g.op("ReverseSequence", [out_b, dims.lengths], batch_axis=1, time_axis=0)
             x = g.op("Concat", [out_backward, out_forward], axis=2)
         else:
             x = out_forward
@@ -145,8 +204,28 @@ def _stacked_state(g: _Builder, finals: list[str], name: str) -> str:
     return g.op("Concat", [g.op("Unsqueeze", [f, axis0]) for f in finals], [name], axis=0)
 
 
-def _linear(g: _Builder, x: str, linear: torch.nn.Linear) -> str:
-    return g.op("Add", [g.op("MatMul", [x, g.const(linear.weight.t())]), g.const(linear.bias)])
+def _affine(g: _Builder, x: str, weight: torch.Tensor, bias: torch.Tensor,
+            dims: Dims | None = None) -> str:
+    """x @ weight.T + bias. A [T,B,D] input runs as one [T*B,D] Gemm: the bias is added
+    inside the product instead of as a second pass over a [T,B,N] tensor (ONNX Runtime
+    fuses MatMul + Add only for 2-D inputs; for the output projection that pass was about
+    a seventh of scoring time)."""
+    weight_t, bias = g.const(weight.t()), g.const(bias)
+    if dims is None:  # already [B, D]
+        return g.op("Gemm", [x, weight_t, bias])
+    rows = g.op("Reshape", [x, g.const([-1, weight.shape[1]], dtype=np.int64)])
+    shape = g.op("Concat", [dims.time_batch, g.const([weight.shape[0]], dtype=np.int64)],
+                 axis=0)
+    out = g.op("Reshape", [g.op("Gemm", [rows, weight_t, bias]), shape])
+    # the shape is computed, so ONNX Runtime would not know the rank; stating it lets the
+    # Loop body's Add of this tensor fuse with its MatMul into one Gemm
+    g.value_info.append(helper.make_tensor_value_info(out, FLOAT, ["time", "batch",
+                                                                   weight.shape[0]]))
+    return out
+
+
+def _linear(g: _Builder, x: str, linear: torch.nn.Linear, dims: Dims | None = None) -> str:
+    return _affine(g, x, linear.weight, linear.bias, dims)
 
 
 def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> onnx.ModelProto:
@@ -164,42 +243,34 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
     if incremental:
         inputs.append(helper.make_tensor_value_info("state", FLOAT,
                                                     [layers, "batch", state_size]))
-    shape = g.op("Shape", ["tokens"])
-    batch = g.op("Slice", [shape, g.const([0], dtype=np.int64), g.const([1], dtype=np.int64)])
-    steps = g.op("Gather", [shape, g.const(1, dtype=np.int64)], axis=0)
     tokens_tm = g.op("Transpose", ["tokens"], perm=[1, 0])
+    dims = Dims(g, tokens_tm, "lengths")
     embedded = g.op("Gather", [g.const(model.embedding.weight), tokens_tm], axis=0)  # [T,B,D]
     out, forward_finals, backward_finals = (stack_fn or _stack)(
-        g, stack, embedded, "lengths", "state" if incremental else None, steps, batch)
+        g, stack, embedded, dims, "state" if incremental else None)
     outputs = []
     if isinstance(model, RecurrentLM):
         inputs.append(helper.make_tensor_value_info("targets", INT64, ["batch", "time"]))
         vocab = model.output.weight.shape[0]
-        logprobs = g.op("LogSoftmax", [_linear(g, out, model.output)], axis=2)  # [T,B,V]
+        logprobs = g.op("LogSoftmax", [_linear(g, out, model.output, dims)], axis=2)  # [T,B,V]
         targets = g.op("Unsqueeze", [g.op("Transpose", ["targets"], perm=[1, 0]),
                                      g.const([2], dtype=np.int64)])
         picked = g.op("GatherElements", [logprobs, targets], axis=2)
         g.op("Transpose", [g.op("Squeeze", [picked, g.const([2], dtype=np.int64)])],
              ["token_logprobs"], perm=[1, 0])
         # next-token distribution after each row's last valid token: logprobs[len-1, b]
-        one = g.const([1], dtype=np.int64)
-        rows = g.op("Range", [g.const(0, dtype=np.int64), g.op("Squeeze", [batch]),
-                              g.const(1, dtype=np.int64)])
-        last = g.op("Sub", ["lengths", one])
-        index = g.op("Concat", [g.op("Unsqueeze", [last, one]), g.op("Unsqueeze", [rows, one])],
-                     axis=1)
-        g.op("GatherND", [logprobs, index], ["next_logprobs"])
+        g.op("GatherND", [logprobs, dims.last_step], ["next_logprobs"])
         outputs = [helper.make_tensor_value_info("token_logprobs", FLOAT, ["batch", "time"]),
                    helper.make_tensor_value_info("next_logprobs", FLOAT, ["batch", vocab])]
     elif isinstance(model, RecurrentTagger):
         tags = model.output.weight.shape[0]
-        logprobs = g.op("LogSoftmax", [_linear(g, out, model.output)], axis=2)
+        logprobs = g.op("LogSoftmax", [_linear(g, out, model.output, dims)], axis=2)
         g.op("Transpose", [logprobs], ["tag_logprobs"], perm=[1, 0, 2])
         outputs = [helper.make_tensor_value_info("tag_logprobs", FLOAT,
                                                  ["batch", "time", tags])]
     elif isinstance(model, RecurrentClassifier):
         classes = model.output.weight.shape[0]
-        pooled = _pool(g, model, out, forward_finals, backward_finals, steps)
+        pooled = _pool(g, model, out, forward_finals, backward_finals, dims.steps)
         g.op("LogSoftmax", [_linear(g, pooled, model.output)], ["class_logprobs"], axis=1)
         outputs = [helper.make_tensor_value_info("class_logprobs", FLOAT, ["batch", classes])]
     else:
@@ -208,7 +279,8 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
         _stacked_state(g, forward_finals, "new_state")
         outputs.append(helper.make_tensor_value_info("new_state", FLOAT,
                                                      [layers, "batch", state_size]))
-    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.initializers)
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.initializers,
+                              value_info=g.value_info)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                    producer_name="recur")
     onnx_model.ir_version = 8
@@ -230,7 +302,9 @@ def _pool(g: _Builder, model: RecurrentClassifier, out: str, forward_finals: lis
     valid = g.op("Less", [g.op("Unsqueeze", [positions, axis1]), "lengths"])  # [T,B]
     valid = g.op("Unsqueeze", [valid, g.const([2], dtype=np.int64)])  # [T,B,1]
     if model.pooling == "mean":
-        summed = g.op("ReduceSum", [g.op("Mul", [out, g.op("Cast", [valid], to=FLOAT)]), zero],
+        # Where, not a multiplication by the mask: outputs past a row's length are not
+        # meaningful (see _cell_body), and an unbounded one times zero would be NaN
+        summed = g.op("ReduceSum", [g.op("Where", [valid, out, g.const(0.0)]), zero],
                       keepdims=0)
         count = g.op("Unsqueeze", [g.op("Cast", ["lengths"], to=FLOAT), axis1])
         return g.op("Div", [summed, count])
