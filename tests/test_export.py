@@ -87,6 +87,24 @@ def test_checker_passes_with_full_check():
         onnx.checker.check_model(build_graph(_lm(cell)), full_check=True)
 
 
+@pytest.mark.parametrize("cell", ["elman_tanh", "lstm"])
+def test_a_row_of_length_zero_keeps_its_state_in_the_graph(cell):
+    """The runtime refuses length 0, but the graph itself, run directly, keeps such a
+    row's state (final states are picked at each row's length after the Loop)."""
+    import onnxruntime as ort
+
+    model = _lm(cell).eval()
+    session = ort.InferenceSession(build_graph(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    state = np.random.default_rng(1).standard_normal((2, 2, model.stack.state_size))
+    tokens = np.array([[3, 4, 5], [6, 7, 8]])
+    _, _, new_state = session.run(None, {"tokens": tokens, "lengths": np.array([3, 0]),
+                                         "state": state.astype(np.float32),
+                                         "targets": tokens})
+    np.testing.assert_array_equal(new_state[:, 1], state[:, 1].astype(np.float32))
+    assert np.abs(new_state[:, 0] - state[:, 0]).max() > 1e-3
+
+
 def test_same_graph_runs_one_step_and_long_sequences(tmp_path):
     model = _lm("gru").eval()
     runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1"))
