@@ -59,8 +59,8 @@ def _gate_order(layer: RecurrentLayer) -> list[int]:
     """Gate blocks in the order the body wants them. LSTM: PyTorch's (i, f, g, o) becomes
     (i, f, o, g), so one Sigmoid covers the three sigmoid gates; GRU's (r, z, n) already
     has its two sigmoid gates first."""
-    return [0, 1, 3, 2] if layer.cell == "lstm" else list(range(layer.weight_ih.shape[0]
-                                                                // layer.hidden_size))
+    gates = layer.weight_ih.shape[0] // layer.hidden_size
+    return [0, 1, 3, 2] if layer.cell == "lstm" else list(range(gates))
 
 
 def _by_gate(layer: RecurrentLayer, tensor: torch.Tensor) -> torch.Tensor:
