@@ -51,7 +51,6 @@ def test_graph_matches_torch(kind, cell, tmp_path):
 def test_graph_layout_keeps_projections_outside_the_loop(tmp_path):
     graph = build_graph(_lm("lstm", layers=2)).graph
     ops = [node.op_type for node in graph.node]
-    assert ops.count("Loop") == 2  # one per layer
     forbidden = {"RNN", "LSTM", "GRU", "Scan"}
 
     def all_ops(g):
@@ -62,24 +61,43 @@ def test_graph_layout_keeps_projections_outside_the_loop(tmp_path):
                     yield from all_ops(attr.g)
 
     assert not forbidden & set(all_ops(graph))
-    first_loop, last_loop = ops.index("Loop"), len(ops) - 1 - ops[::-1].index("Loop")
     initializers = {i.name: i for i in graph.initializer}
 
     def weight_shapes(nodes, op):
         return [list(initializers[n.input[1]].dims) for n in nodes if n.op_type == op]
 
+    def body(node):
+        return next(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+
+    # one Loop per layer over the steps, then one over chunks of steps for the output
+    loops = [i for i, op in enumerate(ops) if op == "Loop"]
+    assert len(loops) == 3
+    *recurrences, head = loops
     # embedding Gather and the first input projection [D, 4H] before the first Loop
-    assert "Gather" in ops[:first_loop]
-    assert weight_shapes(graph.node[:first_loop], "Gemm") == [[12, 48]]
-    # output projection [H, V] and LogSoftmax after the last Loop
-    assert weight_shapes(graph.node[last_loop:], "Gemm") == [[12, 23]]
-    assert "LogSoftmax" in ops[last_loop:]
-    # the body holds one MatMul, the recurrent product W_hh^T [H, 4H], and a few
-    # element-wise kernels: no masking (final states are picked after the Loop)
-    body = next(a.g for n in graph.node if n.op_type == "Loop" for a in n.attribute)
-    assert weight_shapes(body.node, "MatMul") == [[12, 48]]
-    body_ops = [n.op_type for n in body.node]
-    assert "LogSoftmax" not in body_ops and "Where" not in body_ops and len(body_ops) <= 12
+    assert "Gather" in ops[: recurrences[0]]
+    assert weight_shapes(graph.node[: recurrences[0]], "Gemm") == [[12, 48]]
+    for index in recurrences:
+        # the body holds one MatMul, the recurrent product W_hh^T [H, 4H], and a few
+        # element-wise kernels: no masking (final states are picked after the Loop), and
+        # nothing over the vocabulary
+        recurrence = body(graph.node[index])
+        assert weight_shapes(recurrence.node, "MatMul") == [[12, 48]]
+        body_ops = [n.op_type for n in recurrence.node]
+        assert not {"Gemm", "LogSoftmax", "Where"} & set(body_ops) and len(body_ops) <= 12
+    # the output projection [H, V] and LogSoftmax run after the last step's Loop, on its
+    # stacked outputs, a chunk of positions at a time
+    head_ops = [n.op_type for n in body(graph.node[head]).node]
+    assert weight_shapes(body(graph.node[head]).node, "Gemm") == [[12, 23]]
+    assert "LogSoftmax" in head_ops and "Loop" not in head_ops
+
+
+@pytest.mark.parametrize("cell", ["elman_tanh", "lstm"])
+def test_the_output_projection_in_chunks_matches_torch(cell, tmp_path):
+    """Several chunks, the last one padded, rows ending in different chunks."""
+    model = _lm(cell).eval()
+    runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1"))
+    report = verify(model, runtime, cases=((64, 13), (100, 11), (3, 700), (1, 1)))
+    assert max(report["max_abs_diff"].values()) <= 1e-4
 
 
 def test_checker_passes_with_full_check():

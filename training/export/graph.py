@@ -125,9 +125,10 @@ def _cell_body(g: _Builder, layer: RecurrentLayer, projected: str, w_hh_t: str,
 
 
 class Dims:
-    """Run-time sizes the graph derives once from its inputs: the batch [1], the number of
-    steps (a scalar, the Loops' trip count), [T, B], and for picking each row's final
-    state, the index of its last step [B, 2] and whether it has any step [B, 1]."""
+    """Run-time sizes the graph derives once from its inputs: the batch ([1] and scalar),
+    the number of steps (a scalar, the Loops' trip count), [T, B], the row numbers [B],
+    and for picking each row's final state, its last step [B], the (step, row) index of it
+    [B, 2] and whether it has any step [B, 1]."""
 
     def __init__(self, g: _Builder, tokens_tm: str, lengths: str):
         one = g.const([1], dtype=np.int64)
@@ -135,11 +136,12 @@ class Dims:
         self.time_batch = g.op("Shape", [tokens_tm])
         self.steps = g.op("Gather", [self.time_batch, g.const(0, dtype=np.int64)], axis=0)
         self.batch = g.op("Slice", [self.time_batch, one, g.const([2], dtype=np.int64)])
-        rows = g.op("Range", [g.const(0, dtype=np.int64), g.op("Squeeze", [self.batch]),
-                              g.const(1, dtype=np.int64)])
-        last = g.op("Sub", [lengths, one])
-        self.last_step = g.op("Concat", [g.op("Unsqueeze", [last, one]),
-                                         g.op("Unsqueeze", [rows, one])], axis=1)
+        self.batch_size = g.op("Squeeze", [self.batch])  # scalar
+        self.rows = g.op("Range", [g.const(0, dtype=np.int64), self.batch_size,
+                                   g.const(1, dtype=np.int64)])
+        self.last = g.op("Sub", [lengths, one])  # [B]
+        self.last_step = g.op("Concat", [g.op("Unsqueeze", [self.last, one]),
+                                         g.op("Unsqueeze", [self.rows, one])], axis=1)
         self.nonempty = g.op("Unsqueeze", [g.op("Greater", [lengths,
                                                             g.const(0, dtype=np.int64)]), one])
 
@@ -229,6 +231,74 @@ def _linear(g: _Builder, x: str, linear: torch.nn.Linear, dims: Dims | None = No
     return _affine(g, x, linear.weight, linear.bias, dims)
 
 
+HEAD_ROWS = 512  # positions per output-projection chunk: [512, V] logits stay in cache
+
+
+def _lm_head(g: _Builder, output: torch.nn.Linear, out: str, dims: Dims) -> None:
+    """token_logprobs [B,T] and next_logprobs [B,V] from the top layer's outputs [T,B,H].
+
+    The output projection and LogSoftmax run after the recurrence, over chunks of about
+    HEAD_ROWS positions (a second Loop, over chunks, not steps): the [T*B, V] logits are
+    never held at once (a 16,384-token batch at V = 10,000 would hold 0.6 GB of them, and
+    as much again of log-probabilities), and each chunk's logits are still in cache when
+    LogSoftmax and the target gather read them (about 7% faster on this projection).
+    Each row's next-token distribution is kept from the chunk that holds its last step."""
+    vocab, hidden = output.weight.shape
+    i64 = lambda value: g.const(value, dtype=np.int64)  # noqa: E731
+    # steps per chunk: HEAD_ROWS // B, at least 1, at most T; T padded to whole chunks
+    chunk = g.op("Min", [dims.steps, g.op("Max", [i64(1), g.op("Div", [i64(HEAD_ROWS),
+                                                                      dims.batch_size])])])
+    chunks = g.op("Div", [g.op("Sub", [g.op("Add", [dims.steps, chunk]), i64(1)]), chunk])
+    padded = g.op("Mul", [chunks, chunk])
+    extra = g.op("Unsqueeze", [g.op("Sub", [padded, dims.steps]), i64([0])])
+    out_padded = g.op("Pad", [out, g.op("Concat", [i64([0, 0, 0]), extra, i64([0, 0])],
+                                        axis=0)])
+    targets = g.op("Pad", [g.op("Transpose", ["targets"], perm=[1, 0]),
+                           g.op("Concat", [i64([0, 0]), extra, i64([0])], axis=0)])
+    weight_t, bias = g.const(output.weight.t()), g.const(output.bias)
+
+    b = g.child()
+    index, cond, next_prev = b.fresh("chunk"), b.fresh("cond"), b.fresh("next_prev")
+    start = b.op("Mul", [index, chunk])
+    begin, end = (b.op("Unsqueeze", [v, b.const([0], dtype=np.int64)])
+                  for v in (start, b.op("Add", [start, chunk])))
+    axis0 = b.const([0], dtype=np.int64)
+    rows = b.op("Reshape", [b.op("Slice", [out_padded, begin, end, axis0]),
+                            b.const([-1, hidden], dtype=np.int64)])  # [c*B, H]
+    logprobs = b.op("LogSoftmax", [b.op("Gemm", [rows, weight_t, bias])], axis=1)
+    wanted = b.op("Reshape", [b.op("Slice", [targets, begin, end, axis0]),
+                              b.const([-1, 1], dtype=np.int64)])
+    picked = b.op("Reshape", [b.op("GatherElements", [logprobs, wanted], axis=1),
+                              b.const([-1], dtype=np.int64)])  # [c*B]
+    # rows whose last step is in this chunk take its distribution there
+    local = b.op("Sub", [dims.last, start])  # [B]
+    inside = b.op("And", [b.op("GreaterOrEqual", [local, b.const(0, dtype=np.int64)]),
+                          b.op("Less", [local, chunk])])
+    clipped = b.op("Max", [b.op("Min", [local, b.op("Sub", [chunk, b.const(1, dtype=np.int64)])]),
+                           b.const(0, dtype=np.int64)])
+    at = b.op("Add", [b.op("Mul", [clipped, dims.batch_size]), dims.rows])
+    next_new = b.op("Where", [b.op("Unsqueeze", [inside, b.const([1], dtype=np.int64)]),
+                              b.op("Gather", [logprobs, at], axis=0), next_prev])
+    body = helper.make_graph(
+        b.nodes, b.fresh("head_body"),
+        [helper.make_tensor_value_info(index, INT64, []),
+         helper.make_tensor_value_info(cond, BOOL, []),
+         helper.make_tensor_value_info(next_prev, FLOAT, ["batch", vocab])],
+        [helper.make_tensor_value_info(cond, BOOL, []),
+         helper.make_tensor_value_info(next_new, FLOAT, ["batch", vocab]),
+         helper.make_tensor_value_info(picked, FLOAT, [None])],
+        initializer=b.initializers)
+    start_next = g.op("ConstantOfShape", [g.op("Concat", [dims.batch, i64([vocab])], axis=0)],
+                      value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
+    _, stacked = g.op("Loop", [chunks, g.const(True, dtype=np.bool_), start_next],
+                      ["next_logprobs", g.fresh("picked")], body=body)  # stacked: [n, c*B]
+    by_step = g.op("Reshape", [stacked, g.op("Concat", [g.op("Unsqueeze", [padded, i64([0])]),
+                                                        dims.batch], axis=0)])
+    g.op("Transpose", [g.op("Slice", [by_step, i64([0]),
+                                      g.op("Unsqueeze", [dims.steps, i64([0])]), i64([0])])],
+         ["token_logprobs"], perm=[1, 0])
+
+
 def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> onnx.ModelProto:
     """The ONNX model of a trained RecurrentLM, RecurrentTagger or RecurrentClassifier.
 
@@ -253,14 +323,7 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
     if isinstance(model, RecurrentLM):
         inputs.append(helper.make_tensor_value_info("targets", INT64, ["batch", "time"]))
         vocab = model.output.weight.shape[0]
-        logprobs = g.op("LogSoftmax", [_linear(g, out, model.output, dims)], axis=2)  # [T,B,V]
-        targets = g.op("Unsqueeze", [g.op("Transpose", ["targets"], perm=[1, 0]),
-                                     g.const([2], dtype=np.int64)])
-        picked = g.op("GatherElements", [logprobs, targets], axis=2)
-        g.op("Transpose", [g.op("Squeeze", [picked, g.const([2], dtype=np.int64)])],
-             ["token_logprobs"], perm=[1, 0])
-        # next-token distribution after each row's last valid token: logprobs[len-1, b]
-        g.op("GatherND", [logprobs, dims.last_step], ["next_logprobs"])
+        _lm_head(g, model.output, out, dims)
         outputs = [helper.make_tensor_value_info("token_logprobs", FLOAT, ["batch", "time"]),
                    helper.make_tensor_value_info("next_logprobs", FLOAT, ["batch", vocab])]
     elif isinstance(model, RecurrentTagger):
