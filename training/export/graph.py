@@ -17,6 +17,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from training.export.lm_head import lm_head
 from training.models.encoders import RecurrentClassifier, RecurrentTagger
 from training.models.language_model import RecurrentLM
 from training.models.recurrence import RecurrentLayer, RecurrentStack
@@ -135,8 +136,9 @@ class Dims:
         self.lengths = lengths
         self.time_batch = g.op("Shape", [tokens_tm])
         self.steps = g.op("Gather", [self.time_batch, g.const(0, dtype=np.int64)], axis=0)
-        self.batch = g.op("Slice", [self.time_batch, one, g.const([2], dtype=np.int64)])
-        self.batch_size = g.op("Squeeze", [self.batch])  # scalar
+        self.batch_size = g.op("Gather", [self.time_batch, g.const(1, dtype=np.int64)],
+                               axis=0)  # scalar
+        self.batch = g.op("Unsqueeze", [self.batch_size, g.const([0], dtype=np.int64)])
         self.rows = g.op("Range", [g.const(0, dtype=np.int64), self.batch_size,
                                    g.const(1, dtype=np.int64)])
         self.last = g.op("Sub", [lengths, one])  # [B]
@@ -231,74 +233,6 @@ def _linear(g: _Builder, x: str, linear: torch.nn.Linear, dims: Dims | None = No
     return _affine(g, x, linear.weight, linear.bias, dims)
 
 
-HEAD_ROWS = 512  # positions per output-projection chunk: [512, V] logits stay in cache
-
-
-def _lm_head(g: _Builder, output: torch.nn.Linear, out: str, dims: Dims) -> None:
-    """token_logprobs [B,T] and next_logprobs [B,V] from the top layer's outputs [T,B,H].
-
-    The output projection and LogSoftmax run after the recurrence, over chunks of about
-    HEAD_ROWS positions (a second Loop, over chunks, not steps): the [T*B, V] logits are
-    never held at once (a 16,384-token batch at V = 10,000 would hold 0.6 GB of them, and
-    as much again of log-probabilities), and each chunk's logits are still in cache when
-    LogSoftmax and the target gather read them (about 7% faster on this projection).
-    Each row's next-token distribution is kept from the chunk that holds its last step."""
-    vocab, hidden = output.weight.shape
-    i64 = lambda value: g.const(value, dtype=np.int64)  # noqa: E731
-    # steps per chunk: HEAD_ROWS // B, at least 1, at most T; T padded to whole chunks
-    chunk = g.op("Min", [dims.steps, g.op("Max", [i64(1), g.op("Div", [i64(HEAD_ROWS),
-                                                                      dims.batch_size])])])
-    chunks = g.op("Div", [g.op("Sub", [g.op("Add", [dims.steps, chunk]), i64(1)]), chunk])
-    padded = g.op("Mul", [chunks, chunk])
-    extra = g.op("Unsqueeze", [g.op("Sub", [padded, dims.steps]), i64([0])])
-    out_padded = g.op("Pad", [out, g.op("Concat", [i64([0, 0, 0]), extra, i64([0, 0])],
-                                        axis=0)])
-    targets = g.op("Pad", [g.op("Transpose", ["targets"], perm=[1, 0]),
-                           g.op("Concat", [i64([0, 0]), extra, i64([0])], axis=0)])
-    weight_t, bias = g.const(output.weight.t()), g.const(output.bias)
-
-    b = g.child()
-    index, cond, next_prev = b.fresh("chunk"), b.fresh("cond"), b.fresh("next_prev")
-    start = b.op("Mul", [index, chunk])
-    begin, end = (b.op("Unsqueeze", [v, b.const([0], dtype=np.int64)])
-                  for v in (start, b.op("Add", [start, chunk])))
-    axis0 = b.const([0], dtype=np.int64)
-    rows = b.op("Reshape", [b.op("Slice", [out_padded, begin, end, axis0]),
-                            b.const([-1, hidden], dtype=np.int64)])  # [c*B, H]
-    logprobs = b.op("LogSoftmax", [b.op("Gemm", [rows, weight_t, bias])], axis=1)
-    wanted = b.op("Reshape", [b.op("Slice", [targets, begin, end, axis0]),
-                              b.const([-1, 1], dtype=np.int64)])
-    picked = b.op("Reshape", [b.op("GatherElements", [logprobs, wanted], axis=1),
-                              b.const([-1], dtype=np.int64)])  # [c*B]
-    # rows whose last step is in this chunk take its distribution there
-    local = b.op("Sub", [dims.last, start])  # [B]
-    inside = b.op("And", [b.op("GreaterOrEqual", [local, b.const(0, dtype=np.int64)]),
-                          b.op("Less", [local, chunk])])
-    clipped = b.op("Max", [b.op("Min", [local, b.op("Sub", [chunk, b.const(1, dtype=np.int64)])]),
-                           b.const(0, dtype=np.int64)])
-    at = b.op("Add", [b.op("Mul", [clipped, dims.batch_size]), dims.rows])
-    next_new = b.op("Where", [b.op("Unsqueeze", [inside, b.const([1], dtype=np.int64)]),
-                              b.op("Gather", [logprobs, at], axis=0), next_prev])
-    body = helper.make_graph(
-        b.nodes, b.fresh("head_body"),
-        [helper.make_tensor_value_info(index, INT64, []),
-         helper.make_tensor_value_info(cond, BOOL, []),
-         helper.make_tensor_value_info(next_prev, FLOAT, ["batch", vocab])],
-        [helper.make_tensor_value_info(cond, BOOL, []),
-         helper.make_tensor_value_info(next_new, FLOAT, ["batch", vocab]),
-         helper.make_tensor_value_info(picked, FLOAT, [None])],
-        initializer=b.initializers)
-    start_next = g.op("ConstantOfShape", [g.op("Concat", [dims.batch, i64([vocab])], axis=0)],
-                      value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
-    _, stacked = g.op("Loop", [chunks, g.const(True, dtype=np.bool_), start_next],
-                      ["next_logprobs", g.fresh("picked")], body=body)  # stacked: [n, c*B]
-    by_step = g.op("Reshape", [stacked, g.op("Concat", [g.op("Unsqueeze", [padded, i64([0])]),
-                                                        dims.batch], axis=0)])
-    g.op("Transpose", [g.op("Slice", [by_step, i64([0]),
-                                      g.op("Unsqueeze", [dims.steps, i64([0])]), i64([0])])],
-         ["token_logprobs"], perm=[1, 0])
-
-
 def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> onnx.ModelProto:
     """The ONNX model of a trained RecurrentLM, RecurrentTagger or RecurrentClassifier.
 
@@ -323,7 +257,7 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
     if isinstance(model, RecurrentLM):
         inputs.append(helper.make_tensor_value_info("targets", INT64, ["batch", "time"]))
         vocab = model.output.weight.shape[0]
-        _lm_head(g, model.output, out, dims)
+        lm_head(g, model.output, out, dims)
         outputs = [helper.make_tensor_value_info("token_logprobs", FLOAT, ["batch", "time"]),
                    helper.make_tensor_value_info("next_logprobs", FLOAT, ["batch", vocab])]
     elif isinstance(model, RecurrentTagger):
@@ -354,9 +288,9 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
 def _pool(g: _Builder, model: RecurrentClassifier, out: str, forward_finals: list[str],
           backward_finals: list[str], steps: str) -> str:
     hidden = model.stack.hidden_size
-    zero, h_end = g.const([0], dtype=np.int64), g.const([hidden], dtype=np.int64)
     axis1 = g.const([1], dtype=np.int64)
     if model.pooling == "final":
+        zero, h_end = g.const([0], dtype=np.int64), g.const([hidden], dtype=np.int64)
         h_forward = g.op("Slice", [forward_finals[-1], zero, h_end, axis1])
         if not model.stack.bidirectional:
             return h_forward
@@ -368,7 +302,8 @@ def _pool(g: _Builder, model: RecurrentClassifier, out: str, forward_finals: lis
     if model.pooling == "mean":
         # Where, not a multiplication by the mask: outputs past a row's length are not
         # meaningful (see _cell_body), and an unbounded one times zero would be NaN
-        summed = g.op("ReduceSum", [g.op("Where", [valid, out, g.const(0.0)]), zero],
+        summed = g.op("ReduceSum", [g.op("Where", [valid, out, g.const(0.0)]),
+                                    g.const([0], dtype=np.int64)],
                       keepdims=0)
         count = g.op("Unsqueeze", [g.op("Cast", ["lengths"], to=FLOAT), axis1])
         return g.op("Div", [summed, count])
