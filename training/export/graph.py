@@ -2,8 +2,9 @@
 
 The layout mirrors RecurrentLayer.forward_loop: work that does not depend on the previous
 step stays outside the loop body (the embedding Gather and each layer's input projection
-for all steps as one MatMul before its Loop; the output projection and LogSoftmax after
-the last one), so the body holds only the recurrent product. Everything inside the graph
+for all steps as one Gemm before its Loop; the output projection and LogSoftmax after the
+last one, see lm_head.py), so the body holds only the recurrent product and the cell's
+element-wise work. Everything inside the graph
 is time-major ([T, B, ...]); one Loop per layer and direction, its trip count read from
 the input's shape, so the same graph runs T = 1 and T = 5000 and its size does not
 depend on T. A row's final state is its state at its own length (`lengths`), picked from
@@ -213,8 +214,7 @@ def _affine(g: _Builder, x: str, weight: torch.Tensor, bias: torch.Tensor,
             dims: Dims | None = None) -> str:
     """x @ weight.T + bias. A [T,B,D] input runs as one [T*B,D] Gemm: the bias is added
     inside the product instead of as a second pass over a [T,B,N] tensor (ONNX Runtime
-    fuses MatMul + Add only for 2-D inputs; for the output projection that pass was about
-    a seventh of scoring time)."""
+    fuses MatMul + Add only for 2-D inputs)."""
     weight_t, bias = g.const(weight.t()), g.const(bias)
     if dims is None:  # already [B, D]
         return g.op("Gemm", [x, weight_t, bias])
