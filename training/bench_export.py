@@ -106,23 +106,31 @@ def _torch_call(model, feeds):
     return run
 
 
-def matmul_call(hidden: int, threads: int):
-    """ONNX Runtime's float32 [B*T, H] x [H, V] as a call, and its FLOPs. A ReduceMax over
-    the rows keeps the [B*T, V] product inside the session, so copying it out is not timed."""
+def _product_call(x: np.ndarray, columns: int, threads: int, reduce_rows: bool):
+    """A session computing x @ W for a random W [H, columns] (then, with `reduce_rows`, a
+    ReduceMax over the rows, which keeps a large product inside the session so that
+    copying it out is not timed), as a call."""
     g = _Builder()
-    weight = g.const(np.random.default_rng(0).standard_normal((hidden, VOCAB)) * 0.01)
-    g.op("ReduceMax", [g.op("MatMul", ["x", weight])], ["y"], axes=[0], keepdims=0)
-    graph = helper.make_graph(g.nodes, "matmul",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                                             [None, hidden])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
-                                                             [VOCAB])], g.initializers)
+    hidden = x.shape[1]
+    weight = g.const(np.random.default_rng(0).standard_normal((hidden, columns)) * 0.01)
+    product = g.op("MatMul", ["x", weight], 1 if reduce_rows else ["y"])
+    if reduce_rows:
+        g.op("ReduceMax", [product], ["y"], axes=[0], keepdims=0)
+    float_ = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        g.nodes, "product", [helper.make_tensor_value_info("x", float_, [None, hidden])],
+        [helper.make_tensor_value_info("y", float_, None)], g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     session = _session(proto, threads)
+    return lambda: session.run(None, {"x": x})
+
+
+def matmul_call(hidden: int, threads: int):
+    """ONNX Runtime's float32 [B*T, H] x [H, V] as a call, and its FLOPs."""
     rows = SCORE_SHAPE[0] * SCORE_SHAPE[1]
     x = np.random.default_rng(1).standard_normal((rows, hidden)).astype(np.float32)
-    return (lambda: session.run(None, {"x": x})), 2 * rows * hidden * VOCAB
+    return _product_call(x, VOCAB, threads, reduce_rows=True), 2 * rows * hidden * VOCAB
 
 
 def step_weight_bytes(model) -> int:
@@ -138,20 +146,8 @@ def streaming_call(hidden: int, weight_bytes: int, threads: int):
     """ONNX Runtime's [1, H] x [H, N] MatMul over as many bytes of weights as a B=1 step
     reads: a B=1 step cannot take less time than this on the same machine once its
     weights do not fit in the caches (the bound of every variant, torch's included)."""
-    g = _Builder()
-    columns = weight_bytes // (4 * hidden)
-    weight = g.const(np.random.default_rng(0).standard_normal((hidden, columns)) * 0.01)
-    g.op("MatMul", ["x", weight], ["y"])
-    graph = helper.make_graph(g.nodes, "streaming",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                                             [1, hidden])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
-                                                             [1, columns])], g.initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    session = _session(proto, threads)
     x = np.ones((1, hidden), np.float32)
-    return lambda: session.run(None, {"x": x})
+    return _product_call(x, weight_bytes // (4 * hidden), threads, reduce_rows=False)
 
 
 def flops_per_token(model) -> int:
