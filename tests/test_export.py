@@ -221,13 +221,13 @@ def test_onnx_runtime_loads_every_graph_without_a_warning(kind):
         options = ort.SessionOptions()
         options.log_severity_level = 1  # warnings and above; ONNX Runtime logs to stderr
         model = MODELS[kind](cell).eval()
-        with _captured_stderr() as stderr:
+        with _CapturedStderr() as stderr:
             ort.InferenceSession(build_graph(model).SerializeToString(), options,
                                  providers=["CPUExecutionProvider"])
         assert "[W:" not in stderr.read(), kind
 
 
-class _captured_stderr:
+class _CapturedStderr:
     """File descriptor 2 into a temporary file (ONNX Runtime writes from C++)."""
 
     def __enter__(self):
