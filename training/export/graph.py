@@ -6,8 +6,9 @@ for all steps as one Gemm before its Loop; the output projection and LogSoftmax 
 last one, see lm_head.py), so the body holds only the recurrent product and the cell's
 element-wise work. Everything inside the graph is time-major ([T, B, ...]); one Loop per
 layer and direction, its trip count read from the input's shape, so the same graph runs
-T = 1 and T = 5000 and its size does not depend on T. A row's final state is its state at its own length (`lengths`), picked from
-the Loop's per-step outputs; the steps past it change nothing the caller reads.
+T = 1 and T = 5000 and its size does not depend on T. A row's final state is its state
+at its own length (`lengths`), picked from the Loop's per-step outputs; the steps past it
+change nothing the caller reads.
 """
 
 from __future__ import annotations
