@@ -4,14 +4,16 @@ one ONNX Runtime call.
 
 A step is a piece of one sequence: its tokens, the state it starts from, and (language
 models) the targets to score. Sequences join or leave between calls: a completion submits
-its next step as soon as it has sampled, and runs in whatever call comes next. Steps are
+its next step as soon as it has its token, and runs in whatever call comes next. Steps are
 grouped by length bucket (lengths within 2x of each other) under a token budget, the oldest
 bucket first, so a one-token step never waits behind a long chunk's padding for long. The
 queue is bounded: when it is full, submit raises RESOURCE_EXHAUSTED.
 
 The ONNX Runtime call runs on one worker thread per model (ONNX Runtime releases the GIL
-while it computes), so the event loop stays free meanwhile: gRPC's reads and writes, new
-requests and the streams' sampling go on, and steps that arrive form the next batch. An
+while it computes), so the event loop stays free meanwhile: gRPC's reads and writes and
+new requests go on, and steps that arrive form the next batch. The worker also draws the
+completions' next tokens, for all of a call's rows in one batched draw (2.2x faster than
+row by row at B = 64 over 10,000 words, and off the loop's thread). An
 earlier version ran it on the loop's own thread and starved gRPC: with 64 completion
 streams, new streams were admitted one per four calls and batches averaged 3 to 13 steps;
 on the worker they average 60 (make bench-serve). A lone step with nothing else queued
@@ -33,6 +35,9 @@ import numpy as np
 from serving.errors import ServiceError, overloaded
 from serving.metrics import Metrics
 from serving.runtime import ModelRuntime
+from serving.sampler import SamplingParams, sample_batch
+
+Sampler = tuple[SamplingParams, np.random.Generator]
 
 
 @dataclass(eq=False)
@@ -42,13 +47,16 @@ class Step:
     targets: np.ndarray | None  # [T] int64, language models only
     future: asyncio.Future
     enqueued: float
+    sampler: Sampler | None = None  # a completion's: its next token is drawn in the batch
 
 
 @dataclass
 class StepResult:
     outputs: np.ndarray  # LM: token log-probs [T]; tagger: [T, C]; classifier: [C]
-    next_logprobs: np.ndarray | None  # LM: [V] after the step's last token
+    next_logprobs: np.ndarray | None  # LM: [V] after the step's last token; None if sampled
     state: np.ndarray | None  # [L, S] after the step's last token
+    token: int | None = None  # with a sampler: the next token drawn, and its log-prob
+    token_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,10 +115,13 @@ class Batcher:
             await self._room.wait()
 
     def submit(self, tokens: np.ndarray, state: np.ndarray | None,
-               targets: np.ndarray | None = None) -> asyncio.Future:
+               targets: np.ndarray | None = None,
+               sampler: Sampler | None = None) -> asyncio.Future:
+        """Queues one step. With a sampler (completions), the result also carries the next
+        token, drawn on the worker for all such rows of the batch at once (sample_batch)."""
         self.reserve(1)
         step = Step(tokens, state, targets, asyncio.get_running_loop().create_future(),
-                    time.perf_counter())
+                    time.perf_counter(), sampler)
         self._buckets.setdefault(len(tokens).bit_length(), deque()).append(step)
         self._count += 1
         self.peak_depth = max(self.peak_depth, self._count)
@@ -203,9 +214,18 @@ class Batcher:
                 targets[row, : len(step.tokens)] = step.targets
             out = self.runtime.run_lm(tokens, lengths, state, targets)
             new_state = out.state.numpy()
-            return [StepResult(out.token_logprobs[row, :n], out.next_logprobs[row].copy(),
-                               new_state[:, row].copy())
-                    for row, n in enumerate(lengths)]
+            results = [StepResult(out.token_logprobs[row, :n],
+                                  None if step.sampler else out.next_logprobs[row].copy(),
+                                  new_state[:, row].copy())
+                       for row, (step, n) in enumerate(zip(batch, lengths, strict=True))]
+            if sampled := [row for row, step in enumerate(batch) if step.sampler]:
+                logprobs = out.next_logprobs[sampled]
+                drawn = sample_batch(logprobs, [batch[row].sampler[0] for row in sampled],
+                                     [batch[row].sampler[1] for row in sampled])
+                for i, (row, token) in enumerate(zip(sampled, drawn, strict=True)):
+                    results[row].token = int(token)
+                    results[row].token_logprob = float(logprobs[i, token])
+            return results
         outputs, new_state = self.runtime.run_encoder(tokens, lengths, state)
         new_state = new_state.numpy() if new_state is not None else None
         per_token = self.runtime.task == "tag"

@@ -6,6 +6,7 @@ request gives the same tokens alone or batched with others.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,13 +38,9 @@ def sample_next(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Gen
     vocabulary order, top-k uses a partial partition, and the draw never builds a
     cumulative sum over the whole vocabulary (see `draw`), so plain sampling over a large
     vocabulary costs a few vectorised passes: it runs once per token of every stream."""
-    logits = np.asarray(logprobs)
-    if logits.dtype not in (np.float32, np.float64):  # float32 (the model's) stays float32
-        logits = logits.astype(np.float64)
+    logits = _scaled(logprobs, params)
     if params.temperature == 0.0:
         return int(np.argmax(logits))
-    if params.temperature != 1.0:
-        logits = logits / logits.dtype.type(params.temperature)
     candidates = None
     if 0 < params.top_k < len(logits):
         # the k largest, ties broken by the lower id; in vocabulary order
@@ -63,27 +60,70 @@ def sample_next(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Gen
         choice = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
         return int(candidates[min(choice, cutoff - 1)])
     kept = logits if candidates is None else logits[candidates]
-    choice = draw(np.exp(kept - kept.max()), rng.random())
+    choice = int(draw(_weights(kept[None]), np.array([rng.random()]))[0])
     return choice if candidates is None else int(candidates[choice])
+
+
+def sample_batch(logprobs: np.ndarray, params: Sequence[SamplingParams],
+                 rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """sample_next for each row of a [B, V] batch, each row with its own parameters and
+    generator, giving exactly the tokens sample_next gives row by row. Rows that sample
+    the whole vocabulary (no top-k, no top-p: the common case) share one vectorised draw
+    per temperature, about twice as fast as row by row at B = 64, V = 10,000; the others
+    go through sample_next."""
+    tokens = np.empty(len(logprobs), np.int64)
+    by_temperature: dict[float, list[int]] = {}
+    for row, p in enumerate(params):
+        if p.temperature > 0 and p.top_p == 1.0 and not 0 < p.top_k < logprobs.shape[1]:
+            by_temperature.setdefault(p.temperature, []).append(row)
+        else:
+            tokens[row] = sample_next(logprobs[row], p, rngs[row])
+    for temperature, rows in by_temperature.items():
+        logits = _scaled(logprobs[rows], SamplingParams(temperature))
+        tokens[rows] = draw(_weights(logits), np.array([rngs[row].random() for row in rows]))
+    return tokens
+
+
+def _scaled(logprobs: np.ndarray, params: SamplingParams) -> np.ndarray:
+    logits = np.asarray(logprobs)
+    if logits.dtype not in (np.float32, np.float64):  # float32 (the model's) stays float32
+        logits = logits.astype(np.float64)
+    if params.temperature not in (0.0, 1.0):
+        logits = logits / logits.dtype.type(params.temperature)
+    return logits
+
+
+def _weights(logits: np.ndarray) -> np.ndarray:
+    """Each row's unnormalised probabilities in float32, zero-padded to whole blocks. The
+    steps are element-wise or along rows, so a row gets the same weights alone or batched
+    (tests/test_sampler.py checks it)."""
+    rows, size = logits.shape
+    weights = np.empty((rows, -(-size // BLOCK) * BLOCK), np.float32)
+    weights[:, size:] = 0.0
+    np.exp(logits - logits.max(axis=1, keepdims=True), out=weights[:, :size])
+    return weights
 
 
 BLOCK = 128
 
 
-def draw(weights: np.ndarray, u: float) -> int:
-    """The index i where the cumulative weight first exceeds u x the total (u in [0, 1)):
+def draw(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Per row of `weights` [R, N] (non-negative, N a multiple of BLOCK), the index i where
+    the cumulative weight first exceeds u[row] x the row's total (u in [0, 1)):
     inverse-CDF sampling in two levels, block sums and then one block's running sum,
     because numpy's cumsum over the whole vector is a sequential loop (about 3x slower
-    than the rest of a draw together at V = 10,000). A zero weight is never drawn."""
-    n = len(weights)
-    padded = np.zeros(-(-n // BLOCK) * BLOCK, np.float64)
-    padded[:n] = weights
-    blocks = padded.reshape(-1, BLOCK)
-    cumulative = np.cumsum(blocks.sum(axis=1))
-    target = u * cumulative[-1]
-    b = min(int(np.searchsorted(cumulative, target, side="right")), len(cumulative) - 1)
-    within = np.cumsum(blocks[b])
-    i = int(np.searchsorted(within, target - (cumulative[b - 1] if b else 0.0), side="right"))
-    if i >= BLOCK or blocks[b, i] == 0.0:  # rounding between the two sums: the block's last
-        i = int(np.flatnonzero(blocks[b])[-1])  # token that can be drawn
-    return b * BLOCK + i
+    than the rest of a draw together at V = 10,000). Every step works along rows, so a
+    row's result does not depend on the others. A zero weight is never drawn."""
+    rows = len(weights)
+    blocks = weights.reshape(rows, -1, BLOCK)
+    cumulative = np.cumsum(blocks.sum(axis=2, dtype=np.float64), axis=1)  # [R, blocks]
+    target = u * cumulative[:, -1]
+    # the count of running sums <= target is numpy's searchsorted(side="right")
+    b = np.minimum((cumulative <= target[:, None]).sum(axis=1), blocks.shape[1] - 1)
+    row = np.arange(rows)
+    before = np.where(b > 0, cumulative[row, b - 1], 0.0)
+    chosen = blocks[row, b]  # [R, BLOCK]
+    i = (np.cumsum(chosen, axis=1, dtype=np.float64) <= (target - before)[:, None]).sum(axis=1)
+    for r in np.flatnonzero((i >= BLOCK) | (chosen[row, np.minimum(i, BLOCK - 1)] == 0.0)):
+        i[r] = np.flatnonzero(chosen[r])[-1]  # rounding between the two sums: the block's
+    return b * BLOCK + i  # last token that can be drawn

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.sampler import SamplingParams, draw, make_rng, sample_next
+from serving.sampler import BLOCK, SamplingParams, draw, make_rng, sample_batch, sample_next
 
 LOGPROBS = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
 
@@ -62,13 +62,34 @@ def test_sample_is_always_a_valid_kept_token(raw, top_k, top_p, temperature, see
 def test_two_level_draw_is_the_inverse_cdf(weights, u):
     """draw() picks what one cumulative sum over all weights would (the blocks only change
     the order of additions), and never a zero weight."""
-    w = np.array(weights)
+    w = np.array(weights, np.float32)
     if not w.any():
         w[len(w) // 2] = 1.0
-    index = draw(w, u)
+    padded = np.zeros((1, -(-len(w) // BLOCK) * BLOCK), np.float32)
+    padded[0, : len(w)] = w
+    index = int(draw(padded, np.array([u]))[0])
     assert w[index] > 0
-    cumulative = np.cumsum(w)
+    cumulative = np.cumsum(w, dtype=np.float64)
     target = u * cumulative[-1]
     expected = min(int(np.searchsorted(cumulative, target, side="right")), len(w) - 1)
     if index != expected:  # only where the target sits on a boundary, within rounding
         assert abs(cumulative[min(index, expected)] - target) <= 1e-9 * cumulative[-1]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 300), st.lists(st.sampled_from([
+    SamplingParams(1.0), SamplingParams(0.7), SamplingParams(0.0), SamplingParams(1.3, top_k=3),
+    SamplingParams(1.0, top_p=0.8), SamplingParams(2.0)]), min_size=1, max_size=12),
+    st.integers(0, 2**32))
+def test_a_batched_draw_gives_each_row_what_it_gets_alone(vocab_size, params, seed):
+    """The server draws the next tokens of all its streams in one batch: each row must get
+    the token it gets alone (a seeded completion is the same alone and among others), and
+    its generator must advance exactly as alone."""
+    raw = np.random.default_rng(seed).standard_normal((len(params), vocab_size)) * 4
+    logprobs = (raw - np.log(np.exp(raw).sum(axis=1, keepdims=True))).astype(np.float32)
+    in_batch = [make_rng(seed, i) for i in range(len(params))]
+    alone = [make_rng(seed, i) for i in range(len(params))]
+    batched = sample_batch(logprobs, params, in_batch)
+    assert list(batched) == [sample_next(row, p, rng)
+                             for row, p, rng in zip(logprobs, params, alone, strict=True)]
+    assert [r.random() for r in in_batch] == [r.random() for r in alone]

@@ -51,9 +51,13 @@ class Outbox:
 
 
 class Sample:
+    """One sample of a completion: its generator, its state and the token drawn next."""
+
     def __init__(self, index: int, rng: np.random.Generator, state: np.ndarray,
-                 next_logprobs: np.ndarray):
-        self.index, self.rng, self.state, self.next_logprobs = index, rng, state, next_logprobs
+                 next_logprobs: np.ndarray, params: SamplingParams):
+        self.index, self.rng, self.state = index, rng, state
+        self.token = sample_next(next_logprobs, params, rng)
+        self.logprob = float(next_logprobs[self.token])
         self.ids: list[int] = []
         self.text: str | None = None  # set when a stop string cut the text
 
@@ -92,8 +96,8 @@ def sampling_params(request: pb.CompleteRequest) -> SamplingParams:
 async def decode(model: LoadedModel, params: SamplingParams, max_tokens: int, stops: Stops,
                  active: list[Sample], outbox: Outbox, metrics: Metrics,
                  closing: asyncio.Event, started: float) -> None:
-    """The decoding loop: sample, hand the tokens to the outbox, submit every sample's
-    next step, wait for the batch that runs them."""
+    """The decoding loop: hand each sample's drawn token to the outbox, submit its next
+    step, wait for the batch that runs the steps and draws the next tokens."""
     vocab = model.runtime.vocab
     first = True
     while active:
@@ -102,8 +106,7 @@ async def decode(model: LoadedModel, params: SamplingParams, max_tokens: int, st
             raise shutting_down()
         messages, steps = [], []
         for sample in active:
-            token = sample_next(sample.next_logprobs, params, sample.rng)
-            logprob = float(sample.next_logprobs[token])
+            token, logprob = sample.token, sample.logprob
             reason = stops.check(sample, token, vocab)
             if reason is None:
                 sample.ids.append(token)
@@ -114,7 +117,7 @@ async def decode(model: LoadedModel, params: SamplingParams, max_tokens: int, st
                     reason = pb.FINISH_REASON_LENGTH
             if reason is None:
                 future = model.batcher.submit(np.array([token], np.int64), sample.state,
-                                              np.zeros(1, np.int64))
+                                              np.zeros(1, np.int64), (params, sample.rng))
                 steps.append((sample, future))
             else:
                 text = vocab.decode(sample.ids) if sample.text is None else sample.text
@@ -132,7 +135,8 @@ async def decode(model: LoadedModel, params: SamplingParams, max_tokens: int, st
         try:
             for sample, future in steps:
                 result = await future
-                sample.state, sample.next_logprobs = result.state, result.next_logprobs
+                sample.state, sample.token = result.state, result.token
+                sample.logprob = result.token_logprob
                 active.append(sample)
         finally:  # cancelled or failed: the other samples' steps need not run
             for _, future in steps:

@@ -146,7 +146,7 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         start = await operations.read_prompt(model, prompt.ids, config.chunk_tokens)
         self.metrics.tokens.labels(model.label, "prompt").inc(len(prompt.ids) + 1)
         stops = Stops(set(request.stop_token_ids), list(request.stop))
-        active = [Sample(i, make_rng(seed, i), start.state, start.next_logprobs)
+        active = [Sample(i, make_rng(seed, i), start.state, start.next_logprobs, params)
                   for i in range(samples)]
         outbox = Outbox(context, WRITE_AHEAD * samples)
         try:
