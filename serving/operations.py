@@ -51,10 +51,13 @@ async def score(model: LoadedModel, ids: np.ndarray, chunk: int) -> np.ndarray:
 
 
 async def read_prompt(model: LoadedModel, ids: np.ndarray, chunk: int) -> Advance:
-    """The state and next-token distribution after `<eos>` + ids."""
-    inputs = np.concatenate([[model.runtime.vocab.eos_id], ids]).astype(np.int64)
-    targets = np.concatenate([inputs[1:], [0]]).astype(np.int64)
-    return await run_chunks(model, inputs, model.initial_state(), targets, chunk)
+    """The state and next-token distribution after `<eos>` + ids. They start from the
+    model's cached start point (after `<eos>`), so only the prompt's own tokens run: none
+    for an empty prompt, whose completion then needs no call before its first token."""
+    state, next_logprobs = await model.start_point()
+    if len(ids) == 0:
+        return Advance(state, next_logprobs, np.zeros(0, np.float32))
+    return await advance(model, state, next_logprobs, ids, chunk)
 
 
 async def advance(model: LoadedModel, state: np.ndarray, next_logprobs: np.ndarray | None,

@@ -144,7 +144,7 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         prompt = encode(request.prompt, vocab, "prompt", config.max_tokens_per_sequence,
                         allow_empty=True, optional=True)
         start = await operations.read_prompt(model, prompt.ids, config.chunk_tokens)
-        self.metrics.tokens.labels(model.label, "prompt").inc(len(prompt.ids) + 1)
+        self.metrics.tokens.labels(model.label, "prompt").inc(len(prompt.ids))
         stops = Stops(set(request.stop_token_ids), list(request.stop))
         active = [Sample(i, make_rng(seed, i), start.state, start.next_logprobs, params)
                   for i in range(samples)]
