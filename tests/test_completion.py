@@ -118,6 +118,29 @@ def generated(server) -> float:
     return server.metric("recur_tokens_total", model="endless/1", kind="generated")
 
 
+def test_a_completion_runs_its_prompt_and_then_one_step_per_token(server):
+    """The first token is drawn from the cached state after <eos> advanced over the prompt's
+    own tokens, so an empty prompt needs no call before it; every later token is one step."""
+    def calls() -> float:
+        return server.metric("recur_execution_seconds_count", model="endless/1")
+
+    def prompt_tokens() -> float:
+        return server.metric("recur_tokens_total", model="endless/1", kind="prompt")
+
+    list(server.client.complete("", "endless", version=1, seed=0, max_tokens=1))  # reads <eos>
+    before, prompted = calls(), prompt_tokens()
+    events = list(server.client.complete("", "endless", version=1, seed=0, max_tokens=6))
+    assert sum(event.HasField("token") for event in events) == 6
+    assert calls() - before == 5
+    assert prompt_tokens() == prompted
+    before = calls()
+    events = list(server.client.complete("w3 w4 w5", "endless", version=1, seed=0,
+                                         max_tokens=6))
+    assert sum(event.HasField("token") for event in events) == 6
+    assert calls() - before == 1 + 5  # the prompt's three tokens in one call
+    assert prompt_tokens() == prompted + 3
+
+
 def test_a_deadline_stops_a_completion_at_the_next_step(server):
     stream = server.client.complete("w3", "endless", version=1, seed=0, max_tokens=100_000,
                                     timeout=0.5)
