@@ -38,7 +38,7 @@ def sample_next(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Gen
     vocabulary order, top-k uses a partial partition, and the draw never builds a
     cumulative sum over the whole vocabulary (see `draw`), so plain sampling over a large
     vocabulary costs a few vectorised passes: it runs once per token of every stream."""
-    logits = _scaled(logprobs, params)
+    logits = _scaled(logprobs, params.temperature)
     if params.temperature == 0.0:
         return int(np.argmax(logits))
     candidates = None
@@ -79,17 +79,17 @@ def sample_batch(logprobs: np.ndarray, params: Sequence[SamplingParams],
         else:
             tokens[row] = sample_next(logprobs[row], p, rngs[row])
     for temperature, rows in by_temperature.items():
-        logits = _scaled(logprobs[rows], SamplingParams(temperature))
+        logits = _scaled(logprobs[rows], temperature)
         tokens[rows] = draw(_weights(logits), np.array([rngs[row].random() for row in rows]))
     return tokens
 
 
-def _scaled(logprobs: np.ndarray, params: SamplingParams) -> np.ndarray:
+def _scaled(logprobs: np.ndarray, temperature: float) -> np.ndarray:
     logits = np.asarray(logprobs)
     if logits.dtype not in (np.float32, np.float64):  # float32 (the model's) stays float32
         logits = logits.astype(np.float64)
-    if params.temperature not in (0.0, 1.0):
-        logits = logits / logits.dtype.type(params.temperature)
+    if temperature not in (0.0, 1.0):
+        logits = logits / logits.dtype.type(temperature)
     return logits
 
 
