@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 RECIPE ?= ptb-lstm
 
-.PHONY: install proto test lint demo bench bench-train bench-export bench-serve soak clean
+.PHONY: install proto test test-gpu lint demo bench bench-train bench-export bench-serve bench-gpu soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest
+
+# On a machine with a CUDA GPU (CI has none): the gpu-marked tests, then the serving tests
+# again with their servers on CUDA. Needs CUDA 13 and cuDNN 9 for onnxruntime-gpu.
+SERVING_TESTS := tests/test_server.py tests/test_completion.py tests/test_encoder_service.py \
+  tests/test_score_stream.py tests/test_server_errors.py tests/test_portable_sessions.py \
+  tests/test_batch_score.py tests/test_model_updates.py tests/test_hostile_input.py
+test-gpu: install
+	$(BIN)/pytest -m gpu -v
+	RECUR_TEST_DEVICE=cuda $(BIN)/pytest -m "not gpu" $(SERVING_TESTS)
 
 # The main job end to end on the generated corpus: data, four models, evaluation, samples,
 # export, then the server: every service called through the command line.
@@ -59,6 +68,10 @@ bench-export: install
 # The gRPC server against the runtime in process (a few minutes): latency, batching, streams.
 bench-serve: install
 	$(BIN)/python -m training.bench_serve
+
+# The Loop graph on ONNX Runtime's CUDA provider against torch eager on CUDA (needs a GPU).
+bench-gpu: install
+	$(BIN)/python -m training.bench_gpu
 
 # Ten minutes of mixed traffic at 80% of the measured maximum against the demo models
 # (make demo first): errors, latency and memory growth into bench/soak.json. Not in CI.

@@ -8,6 +8,9 @@ runs on the CPU, where CI tests it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,23 @@ DEVICES = ("cpu", "cuda")
 
 class DeviceUnavailable(RuntimeError):
     pass
+
+
+@functools.cache
+def _load_cuda_libraries() -> str:
+    """Loads CUDA and cuDNN before the first CUDA session: onnxruntime-gpu finds them in
+    the system paths (CUDA images) or in pip's nvidia-* packages only once they are loaded.
+    Returns what failed to load, for the error message; ONNX Runtime prints it instead."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return ""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            preload()
+        except Exception as error:  # noqa: BLE001 - best effort: the session reports the rest
+            print(f"preload_dlls failed: {error}")
+    return " ".join(line for line in printed.getvalue().splitlines() if line.startswith("Failed"))
 
 
 @dataclass
@@ -46,8 +66,13 @@ class ModelRuntime:
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
+        not_loaded = ""
         if kind == "cuda":
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_id}))
+            not_loaded = _load_cuda_libraries()
+            # TF32 off: the graph is verified against torch to 1e-4 in float32, which
+            # TF32's 10-bit mantissas would break on the [H, V] projection
+            providers.insert(0, ("CUDAExecutionProvider",
+                                 {"device_id": self.device_id, "use_tf32": "0"}))
         self.session = ort.InferenceSession(str(self.artifact.model_path), options,
                                             providers=providers)
         self.providers = self.session.get_providers()
@@ -57,7 +82,8 @@ class ModelRuntime:
                 f"{self.artifact.model_path}: device 'cuda' was requested but ONNX Runtime could "
                 f"not activate CUDAExecutionProvider (active: {', '.join(self.providers)}; "
                 f"available in this build: {', '.join(ort.get_available_providers())}). "
-                "Install onnxruntime-gpu with CUDA and cuDNN, or allow the CPU fallback.")
+                + (f"{not_loaded} " if not_loaded else "")
+                + "Install onnxruntime-gpu with CUDA and cuDNN, or allow the CPU fallback.")
         if self.fallback:
             log.warning("%s: CUDA unavailable, running on the CPU", self.artifact.model_path)
         self.device = "cpu" if kind == "cpu" or self.fallback else "cuda"

@@ -22,3 +22,15 @@ def save_model(model, out: Path, vocab: Vocabulary | None = None) -> Path:
                 "pooling": getattr(model, "pooling", None),
                 "special_tokens": {"eos": vocab.eos_id, "unk": vocab.unk_id}}
     return write_artifact(out, graph.SerializeToString(), vocab, labels, metadata)
+
+
+def cuda_runtime(path: Path):
+    """The artifact on CUDA, or a skip saying why ONNX Runtime cannot use CUDA here."""
+    import pytest
+
+    from serving.runtime import DeviceUnavailable, ModelRuntime
+
+    try:
+        return ModelRuntime(path, device="cuda")
+    except DeviceUnavailable as error:
+        pytest.skip(f"no usable CUDA device: {str(error).split(' (active')[0]}")

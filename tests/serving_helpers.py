@@ -1,10 +1,13 @@
 """A real server for tests: serving.server.Server on 127.0.0.1, an ephemeral port, in a
-background thread with its own event loop; and helpers to read its metrics."""
+background thread with its own event loop; and helpers to read its metrics.
+
+RECUR_TEST_DEVICE=cuda runs the servers of the serving tests on the GPU (make test-gpu)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 import urllib.request
 
@@ -15,9 +18,13 @@ from serving.client import RecurClient
 from serving.config import ServerConfig
 from serving.server import Server
 
+TEST_DEVICE = os.environ.get("RECUR_TEST_DEVICE", "cpu")
+PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
 
 class RunningServer:
     def __init__(self, repository, channel_factory=grpc.insecure_channel, **settings):
+        settings.setdefault("device", TEST_DEVICE)
         self.config = dataclasses.replace(ServerConfig(model_repository=str(repository),
                                                        port=0, metrics_port=0, grace_s=2.0),
                                           **settings)

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import save_model
+from export_helpers import cuda_runtime, save_model
 
 from serving.runtime import ModelRuntime
 from training.export.graph import build_graph
@@ -36,16 +36,41 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("kind", MODELS)
-def test_graph_matches_torch(kind, cell, tmp_path):
+def _perturbed(kind: str, cell: str) -> torch.nn.Module:
     model = MODELS[kind](cell).eval()
     with torch.no_grad():  # make biases and h0 matter
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("kind", MODELS)
+def test_graph_matches_torch(kind, cell, tmp_path):
+    model = _perturbed(kind, cell)
     runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1"))
     report = verify(model, runtime)
     assert max(report["max_abs_diff"].values()) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("kind", MODELS)
+def test_graph_on_cuda_matches_torch_and_keeps_its_state_there(kind, cell, tmp_path):
+    model = _perturbed(kind, cell)
+    runtime = cuda_runtime(save_model(model, tmp_path / "m" / "1"))
+    assert runtime.providers[0] == "CUDAExecutionProvider"
+    report = verify(model, runtime)
+    print(f"{kind} {cell} on CUDA: {report['max_abs_diff']}")
+    assert max(report["max_abs_diff"].values()) <= 1e-4
+    if runtime.incremental:
+        tokens, lengths = np.array([[3, 4, 5], [6, 7, 0]]), np.array([3, 2])
+        call = runtime.run_lm if runtime.task == "lm" else runtime.run_encoder
+        first = call(tokens, lengths)
+        state = first.state if runtime.task == "lm" else first[1]
+        assert state.device_name() == "cuda"
+        again = call(tokens[:, :1], np.ones(2, np.int64), state)  # an OrtValue in, on CUDA
+        assert (again.state if runtime.task == "lm" else again[1]).device_name() == "cuda"
 
 
 def test_graph_layout_keeps_projections_outside_the_loop(tmp_path):

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from serving_helpers import RunningServer
+from serving_helpers import PROVIDER, TEST_DEVICE, RunningServer
 
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 from serving.runtime import ModelRuntime
@@ -175,7 +175,7 @@ def test_list_models_reports_tasks_versions_and_devices(server):
     models = {(m.name, m.version): m for m in server.client.list_models()}
     lm = models[("demo-lm", 1)]
     assert lm.task == "lm" and lm.cell == "lstm" and lm.latest and lm.ready
-    assert lm.device == "cpu" and list(lm.providers) == ["CPUExecutionProvider"]
+    assert lm.device == TEST_DEVICE and lm.providers[0] == PROVIDER[TEST_DEVICE]
     assert lm.incremental
     assert not models[("tagger-bi", 1)].incremental
     assert models[("tagger-uni", 1)].incremental
@@ -205,4 +205,4 @@ def test_metrics_move_by_exactly_what_was_done(server):
     server.client.tag(["w1 w2 w3", "w4"], "tagger-bi")
     assert server.metric("recur_tokens_total", model="tagger-bi/1", kind="tagged") == tagged + 4
     assert server.metric("recur_model_info", name="demo-lm", version="1", task="lm",
-                         cell="lstm", device="cpu") == 1
+                         cell="lstm", device=TEST_DEVICE) == 1

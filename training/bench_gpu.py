@@ -1,0 +1,149 @@
+"""`make bench-gpu`, on a machine with a CUDA GPU: the exported Loop graph on ONNX Runtime's
+CUDA provider, through the serving runtime (states kept on the GPU by I/O binding), against
+torch eager on CUDA with cuDNN's fused RNN kernels, same weights, float32, TF32 off in both.
+
+Results go to bench/gpu.json and the README table between the bench-gpu markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from serving.artifact import write_artifact
+from serving.runtime import ModelRuntime
+from serving.tokenizer import EOS, UNK, Normalization, Vocabulary
+from training.bench import REPO, fill_readme
+from training.export import model_metadata
+from training.export.graph import build_graph
+from training.models.language_model import RecurrentLM
+
+RESULTS = REPO / "bench" / "gpu.json"
+VOCAB, LAYERS, SCORE_SHAPE = 10_000, 2, (32, 256)
+SHAPES = {"step_b1_ms": (1, 1, 300), "step_b32_ms": (32, 1, 300), "score_ms": (*SCORE_SHAPE, 20)}
+
+
+def _artifact(model: RecurrentLM, root: Path) -> Path:
+    vocab = Vocabulary([UNK, EOS] + [f"w{i}" for i in range(VOCAB - 2)], Normalization())
+    graph = build_graph(model, name="bench-gpu")
+    metadata = {**model_metadata(model, graph), "task": "lm", "vocab_size": VOCAB,
+                "num_labels": None, "special_tokens": {"eos": 1, "unk": 0, "pad": None}}
+    return write_artifact(root / model.stack.cell / "1", graph.SerializeToString(), vocab,
+                          None, metadata)
+
+
+def _median_ms(fn, repeat: int) -> float:
+    """Each call ends with its results on the host (ONNX Runtime) or a synchronize (torch),
+    so a host clock times the device's work."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def _calls(model, runtime: ModelRuntime, batch: int, steps: int, rng) -> dict:
+    tokens = rng.integers(0, VOCAB, (batch, steps))
+    targets = rng.integers(0, VOCAB, (batch, steps))
+    lengths = np.full(batch, steps, np.int64)
+    state = runtime.to_device(np.zeros((LAYERS, batch, model.stack.state_size), np.float32))
+    cuda_tokens, cuda_targets = (torch.from_numpy(a).cuda() for a in (tokens, targets))
+    cuda_state = torch.zeros(LAYERS, batch, model.stack.state_size, device="cuda")
+
+    def loop():
+        return runtime.run_lm(tokens, lengths, state, targets)
+
+    def eager():
+        with torch.inference_mode():
+            logits, _ = model(cuda_tokens, cuda_state)
+            logprobs = torch.log_softmax(logits, -1)
+            out = logprobs.gather(2, cuda_targets[..., None]).cpu(), logprobs[:, -1].cpu()
+        return out
+
+    return {"loop_cuda": loop, "torch_cuda": eager}
+
+
+def bench_one(cell: str, hidden: int, root: Path, rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = RecurrentLM(VOCAB, cell, hidden, hidden, LAYERS).eval()
+    runtime = ModelRuntime(_artifact(model, root), device="cuda")
+    model = model.cuda()
+    rng = np.random.default_rng(0)
+    calls = {label: _calls(model, runtime, b, t, rng) for label, (b, t, _) in SHAPES.items()}
+    ours, theirs = calls["score_ms"]["loop_cuda"](), calls["score_ms"]["torch_cuda"]()
+    result: dict = {"cell": cell, "hidden": hidden, "providers": runtime.providers,
+                    "max_abs_diff_vs_torch": float(np.abs(ours.token_logprobs
+                                                          - theirs[0][..., 0].numpy()).max())}
+    times: dict[str, dict[str, list[float]]] = {"loop_cuda": {}, "torch_cuda": {}}
+    for label, (_, _, repeat) in SHAPES.items():
+        for _ in range(rounds):  # the two take turns, so drifts hit both
+            for name, fn in calls[label].items():
+                times[name].setdefault(label, []).append(_median_ms(fn, repeat // rounds))
+    tokens = SCORE_SHAPE[0] * SCORE_SHAPE[1]
+    for name, by_label in times.items():
+        v = {label: round(statistics.median(values), 3) for label, values in by_label.items()}
+        v["score_tokens_per_s"] = round(tokens / (v["score_ms"] / 1000))
+        result[name] = v
+    for label in SHAPES:
+        result[f"loop_vs_torch_{label.removesuffix('_ms')}"] = round(statistics.median(
+            [b / a for a, b in zip(times["loop_cuda"][label], times["torch_cuda"][label],
+                                   strict=True)]), 3)
+    return result
+
+
+def update_readme(report: dict) -> None:
+    rows = ["| cell | H | variant | step B=1 ms | step B=32 ms | score 32x256 ms | tokens/s |",
+            "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        for name in ("loop_cuda", "torch_cuda"):
+            v = r[name]
+            rows.append(f"| {r['cell']} | {r['hidden']} | {name} | {v['step_b1_ms']} | "
+                        f"{v['step_b32_ms']} | {v['score_ms']} | {v['score_tokens_per_s']} |")
+    rows += ["", "| cell | H | Loop vs torch: step B=1 | step B=32 | scoring | max abs diff |",
+             "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        rows.append(f"| {r['cell']} | {r['hidden']} | {r['loop_vs_torch_step_b1']:.2f}x | "
+                    f"{r['loop_vs_torch_step_b32']:.2f}x | {r['loop_vs_torch_score']:.2f}x | "
+                    f"{r['max_abs_diff_vs_torch']:.1e} |")
+    rows += ["", f"Medians over {report['rounds']} rounds in which the two take turns "
+                 f"(above 1x: the Loop graph is faster). {report['machine']}, {report['date']}."]
+    fill_readme("gpu", rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default="elman_tanh,lstm,gru")
+    parser.add_argument("--hidden", default="256,650")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench-gpu needs a CUDA device")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with tempfile.TemporaryDirectory() as root:
+        results = [bench_one(cell, int(h), Path(root) / h, args.rounds)
+                   for cell in args.cells.split(",") for h in args.hidden.split(",")]
+    report = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": f"{torch.cuda.get_device_name()}, onnxruntime {ort.__version__}, "
+                         f"torch {torch.__version__}",
+              "rounds": args.rounds, "results": results}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    update_readme(report)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
