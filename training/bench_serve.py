@@ -82,8 +82,8 @@ ROUNDS = 9
 class InProcess:
     """The runtime called in this process, the baseline of every ratio."""
 
-    def __init__(self, path: Path, threads: int, spin: bool):
-        self.runtime = ModelRuntime(path, threads=threads, spin=spin)
+    def __init__(self, path: Path, threads: int, spin: bool, device: str):
+        self.runtime = ModelRuntime(path, device, threads=threads, spin=spin)
         self.state = self.runtime.initial_state(1)
         self.one = np.array([[5]], np.int64)
 
@@ -110,10 +110,11 @@ class InProcess:
             self.runtime.score(sentences[i:i + 64])
 
 
-def start_server(repository: Path, threads: int, spin: bool) -> tuple[subprocess.Popen, str]:
+def start_server(repository: Path, threads: int, spin: bool,
+                 device: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "recur", "serve", "--model-repository", str(repository),
-         "--port", "0", "--metrics-port", "-1", "--threads", str(threads),
+         "--port", "0", "--metrics-port", "-1", "--threads", str(threads), "--device", device,
          "--max-completion-tokens", "100000", "--log-level", "WARNING",
          "--spin-threads" if spin else "--no-spin-threads"],
         stdout=subprocess.PIPE, text=True)
@@ -175,9 +176,9 @@ def latencies(local: InProcess, client: RecurClient, health, per_round: int) -> 
 
 
 def measure(path: Path, repository: Path, threads: int, spin: bool,
-            sentences: list[list[int]]) -> dict:
-    local = InProcess(path, threads, spin)
-    process, target = start_server(repository, threads, spin)
+            sentences: list[list[int]], device: str = "cpu") -> dict:
+    local = InProcess(path, threads, spin, device)
+    process, target = start_server(repository, threads, spin, device)
     try:
         with grpc.insecure_channel(target) as channel:
             client = RecurClient(target, channel=channel)
@@ -277,24 +278,31 @@ def main() -> None:
     parser.add_argument("--spin-threads", action=argparse.BooleanOptionalAction, default=False,
                         help="let idle ONNX Runtime threads spin (both sides; off by default, "
                              "as in the server)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda (both sides; results to bench/serve-cuda.json, "
+                             "README untouched)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     sentences = [[int(t) for t in rng.integers(2, VOCAB, int(rng.integers(10, 30)))] + [1]
                  for _ in range(512)]
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model(Path(tmp))
-        measured = measure(path, Path(tmp), args.threads, args.spin_threads, sentences)
+        measured = measure(path, Path(tmp), args.threads, args.spin_threads, sentences,
+                           args.device)
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} ONNX Runtime "
                    f"threads, onnxruntime {ort.__version__}, grpcio {grpc.__version__}",
+        "device": args.device,
         "model": f"LSTM {LAYERS}x{HIDDEN}, V={VOCAB}, random weights",
         "spin_threads": args.spin_threads, **measured,
         "append_target_met": measured["append_overhead_ms"] <= 0.2,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    update_readme(report)
+    results = RESULTS if args.device == "cpu" else RESULTS.with_name(f"serve-{args.device}.json")
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps(report, indent=2) + "\n")
+    if args.device == "cpu":
+        update_readme(report)
     print(json.dumps(report, indent=2))
 
 
