@@ -164,6 +164,14 @@ def _metric(result: dict) -> str:
     return shown
 
 
+def save_report(path: Path, report: dict) -> None:
+    """Writes a benchmark's JSON and prints it: the file is what the README table is built
+    from, the print what a CI or device log keeps."""
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
 def fill_readme(section: str, rows: list[str]) -> None:
     """Replaces the README text between `<!-- bench-SECTION:start/end -->` by rows."""
     start, end = f"<!-- bench-{section}:start -->", f"<!-- bench-{section}:end -->"

@@ -8,7 +8,6 @@ Results go to bench/export.json and the README table between the bench-export ma
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,7 +19,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from training.bench import REPO, fill_readme
+from training.bench import REPO, fill_readme, save_report
 from training.export.graph import Dims, _Builder, build_graph
 from training.models.language_model import RecurrentLM
 
@@ -74,7 +73,7 @@ def _session(model_proto, threads):
                                 providers=["CPUExecutionProvider"])
 
 
-def _median_ms(fn, repeat: int, warmup: int = 3) -> float:
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -186,15 +185,15 @@ def bench_one(cell: str, hidden: int, threads: int, rounds: int) -> dict:
         for name, session in sessions.items():
             runs[name] = (lambda s=session, f=feeds: s.run(None, f))
         for fn in runs.values():
-            _median_ms(fn, 1)  # warm-up
+            median_ms(fn, 1)  # warm-up
         for _ in range(rounds):
             for name in variants:
                 times[name].setdefault(label, []).append(
-                    _median_ms(runs[name], max(1, repeat // rounds), warmup=0))
+                    median_ms(runs[name], max(1, repeat // rounds), warmup=0))
             if label == "score_ms":
-                matmul_ms.append(_median_ms(matmul, 1, warmup=1))
+                matmul_ms.append(median_ms(matmul, 1, warmup=1))
             if label == "step_b1_ms":
-                streaming_ms.append(_median_ms(streaming, max(1, repeat // rounds), warmup=1))
+                streaming_ms.append(median_ms(streaming, max(1, repeat // rounds), warmup=1))
     tokens = SCORE_SHAPE[0] * SCORE_SHAPE[1]
     flops = flops_per_token(model)
     rates = [matmul_flops / (ms / 1000) for ms in matmul_ms]  # FLOP/s, per round
@@ -269,10 +268,8 @@ def main() -> None:
               "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads,"
                          f" onnxruntime {ort.__version__}, torch {torch.__version__}",
               "rounds": args.rounds, "results": results}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(RESULTS, report)
     update_readme(report)
-    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

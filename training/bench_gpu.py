@@ -8,10 +8,8 @@ Results go to bench/gpu.json and the README table between the bench-gpu markers.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +22,8 @@ from onnx import TensorProto, helper
 from serving.artifact import write_artifact
 from serving.runtime import ModelRuntime
 from serving.tokenizer import EOS, UNK, Normalization, Vocabulary
-from training.bench import REPO, fill_readme
+from training.bench import REPO, fill_readme, save_report
+from training.bench_export import median_ms
 from training.export import model_metadata
 from training.export.graph import build_graph
 from training.models.language_model import RecurrentLM
@@ -43,20 +42,9 @@ def _artifact(model: RecurrentLM, root: Path) -> Path:
                           None, metadata)
 
 
-def _median_ms(fn, repeat: int) -> float:
-    """Each call ends with its results on the host (ONNX Runtime) or a synchronize (torch),
-    so a host clock times the device's work."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
-
-
 def _calls(model, runtime: ModelRuntime, batch: int, steps: int, rng) -> dict:
+    """Each call ends with its results on the host (ONNX Runtime) or copied there (torch),
+    so a host clock times the device's work."""
     tokens = rng.integers(0, VOCAB, (batch, steps))
     targets = rng.integers(0, VOCAB, (batch, steps))
     lengths = np.full(batch, steps, np.int64)
@@ -119,7 +107,7 @@ def loop_costs(batch: int = 32, hidden: int = 650, steps: int = 256) -> dict:
         binding.bind_output("h_last", "cpu")
         session.run_with_iobinding(binding)
         assert np.all(binding.get_outputs()[0].numpy() == nodes * steps)
-        per_iteration[nodes] = 1000 * _median_ms(
+        per_iteration[nodes] = 1000 * median_ms(
             lambda s=session, b=binding: s.run_with_iobinding(b), 30) / steps
     return {"one_node_body_us": round(per_iteration[1], 1),
             "per_node_us": round((per_iteration[11] - per_iteration[1]) / 10, 1)}
@@ -140,7 +128,7 @@ def bench_one(cell: str, hidden: int, root: Path, rounds: int) -> dict:
     for label, (_, _, repeat) in SHAPES.items():
         for _ in range(rounds):  # the two take turns, so drifts hit both
             for name, fn in calls[label].items():
-                times[name].setdefault(label, []).append(_median_ms(fn, repeat // rounds))
+                times[name].setdefault(label, []).append(median_ms(fn, repeat // rounds))
     tokens = SCORE_SHAPE[0] * SCORE_SHAPE[1]
     for name, by_label in times.items():
         v = {label: round(statistics.median(values), 3) for label, values in by_label.items()}
@@ -193,10 +181,8 @@ def main() -> None:
               "machine": f"{torch.cuda.get_device_name()}, onnxruntime {ort.__version__}, "
                          f"torch {torch.__version__}",
               "rounds": args.rounds, "loop_on_cuda": loop_costs(), "results": results}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(RESULTS, report)
     update_readme(report)
-    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

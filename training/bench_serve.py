@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import re
 import signal
@@ -37,7 +36,7 @@ from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
 from serving.runtime import ModelRuntime
 from serving.sampler import SamplingParams, make_rng, sample_batch
 from serving.tokenizer import EOS, UNK, Normalization, Vocabulary
-from training.bench import REPO, fill_readme
+from training.bench import REPO, fill_readme, save_report
 from training.export import model_metadata
 from training.export.graph import build_graph
 from training.export.verify import verify
@@ -299,11 +298,9 @@ def main() -> None:
         "append_target_met": measured["append_overhead_ms"] <= 0.2,
     }
     results = RESULTS if args.device == "cpu" else RESULTS.with_name(f"serve-{args.device}.json")
-    results.parent.mkdir(exist_ok=True)
-    results.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(results, report)
     if args.device == "cpu":
         update_readme(report)
-    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
