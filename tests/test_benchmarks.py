@@ -1,0 +1,48 @@
+"""The benchmark scripts, at tiny sizes and writing nothing: their figures come from long
+runs on idle machines (make bench, make bench-gpu), but a broken script should fail here."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+BENCHMARKS = ["training.bench", "training.bench_export", "training.bench_serve",
+              "training.bench_gpu"]
+
+
+@pytest.mark.parametrize("module", BENCHMARKS)
+def test_each_benchmark_parses_its_flags(module, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main()
+    assert done.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_bench_export_times_every_variant_and_checks_it_against_torch():
+    from training.bench_export import bench_one
+
+    result = bench_one("gru", 16, threads=1, rounds=1)
+    for name in ("loop", "fused_op", "torch_eager"):
+        assert set(result[name]) >= {"step_b1_ms", "step_b32_ms", "score_ms"}
+        assert all(result[name][k] > 0 for k in ("step_b1_ms", "step_b32_ms", "score_ms"))
+    assert result["loop_max_abs_diff_vs_torch"] <= 1e-4
+    assert result["fused_op_max_abs_diff_vs_torch"] <= 1e-4
+
+
+@pytest.mark.parametrize("nodes", [1, 11])
+def test_bench_gpu_loop_reference_adds_once_per_node_and_step(nodes):
+    from training.bench_gpu import _loop_of_adds
+
+    model = _loop_of_adds(nodes, 3, 5)
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    state = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    (out,) = session.run(None, {"x": np.zeros((7, 1), np.float32), "h0": state})
+    np.testing.assert_allclose(out, state + 7 * nodes, rtol=1e-6)
