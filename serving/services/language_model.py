@@ -111,8 +111,8 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         self.metrics.tokens.labels(model.label, "scored").inc(len(ids))
         total = float(np.sum(logprobs, dtype=np.float64))
         return pb.SequenceScore(
-            tokens=[pb.Token(id=int(i), text=w, logprob=float(lp))
-                    for i, w, lp in zip(ids, words, logprobs)],
+            tokens=[pb.Token(id=i, text=w, logprob=lp)  # lists: no numpy scalars per token
+                    for i, w, lp in zip(ids.tolist(), words, logprobs.tolist())],
             total_logprob=total, token_count=len(ids),
             perplexity=math.exp(-total / len(ids)), unknown_count=encoded.unknown)
 
@@ -352,8 +352,8 @@ def _check_top_k(top_k: int, model: LoadedModel) -> None:
 def _describe(response: pb.SessionResponse, model: LoadedModel, encoded: Encoded,
               step: operations.Advance) -> None:
     if model.task == "lm":
-        response.tokens.extend(pb.Token(id=int(i), text=w, logprob=float(lp))
-                               for i, w, lp in zip(encoded.ids, encoded.words, step.outputs))
+        response.tokens.extend(pb.Token(id=i, text=w, logprob=lp) for i, w, lp in zip(
+            encoded.ids.tolist(), encoded.words, step.outputs.tolist()))
     elif model.task == "tag":
         labels = model.runtime.labels.names
         best = step.outputs.argmax(axis=1)
