@@ -110,8 +110,8 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         logprobs = (await operations.score(model, ids, self.config.chunk_tokens)).tolist()
         self.metrics.tokens.labels(model.label, "scored").inc(len(ids))
         total = math.fsum(logprobs)
-        # Tokens as dicts of Python values: half the cost of Token messages built one by
-        # one from numpy scalars, which is most of the server's own work per scored token.
+        # Tokens as dicts of Python values: half the cost of Token messages built from
+        # numpy scalars, a large part of the server's own work per scored token.
         return pb.SequenceScore(
             tokens=[{"id": i, "text": w, "logprob": lp}
                     for i, w, lp in zip(ids.tolist(), words, logprobs)],
