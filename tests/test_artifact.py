@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from export_helpers import save_model
+from export_helpers import cuda_runtime, save_model
 
 from serving.artifact import ArtifactError, load_artifact, write_artifact
 from serving.runtime import DeviceUnavailable, ModelRuntime
@@ -121,10 +121,7 @@ def test_bad_calls_name_the_argument(artifact, call, message):
 def test_cuda_runs_the_graph_and_keeps_state_on_the_device(artifact):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDA provider here")
-    try:
-        gpu = ModelRuntime(artifact, device="cuda")
-    except DeviceUnavailable as error:
-        pytest.skip(f"no usable CUDA device: {error}")
+    gpu = cuda_runtime(artifact)
     cpu = ModelRuntime(artifact)
     assert gpu.providers[0] == "CUDAExecutionProvider"
     tokens = np.random.default_rng(0).integers(0, 20, (4, 30))
