@@ -53,30 +53,30 @@ demo: install
 	@for task in lm pos ner cls; do \
 	  $(BIN)/recur export runs/demo-$$task --out runs/models/demo-$$task/1 || exit 1; \
 	done
-	$(BIN)/python -m serving.demo runs/models data/synth
+	$(BIN)/python tools/demo.py runs/models data/synth
 
 bench: bench-export bench-serve bench-train
 
-# One recipe per run (long: needs an otherwise idle machine); results merged into bench/results.json.
+# One recipe per run (long: needs an otherwise idle machine); results merged into bench/results/train.json.
 bench-train: install
-	$(BIN)/python -m training.bench --recipe $(RECIPE)
+	$(BIN)/python -m bench.train --recipe $(RECIPE)
 
 # The exported Loop graph against torch eager and ONNX's fused RNN operators (a few minutes).
 bench-export: install
-	$(BIN)/python -m training.bench_export
+	$(BIN)/python -m bench.export
 
 # The gRPC server against the runtime in process (a few minutes): latency, batching, streams.
 bench-serve: install
-	$(BIN)/python -m training.bench_serve
+	$(BIN)/python -m bench.serve
 
 # The Loop graph on ONNX Runtime's CUDA provider against torch eager on CUDA (needs a GPU).
 bench-gpu: install
-	$(BIN)/python -m training.bench_gpu
+	$(BIN)/python -m bench.gpu
 
 # Ten minutes of mixed traffic at 80% of the measured maximum against the demo models
-# (make demo first): errors, latency and memory growth into bench/soak.json. Not in CI.
+# (make demo first): errors, latency and memory growth into bench/results/soak.json. Not in CI.
 soak: install
-	$(BIN)/python -m serving.soak runs/models --minutes $(or $(MINUTES),10)
+	$(BIN)/python -m bench.soak runs/models --minutes $(or $(MINUTES),10)
 
 clean:
 	rm -rf $(VENV) runs data

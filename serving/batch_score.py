@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.runtime import ModelRuntime
+from serving.model.runtime import ModelRuntime
 
 READ_BLOCK = 4096  # lines read, sorted by length and batched at a time
 

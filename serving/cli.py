@@ -39,8 +39,8 @@ def serve_command(argv: list[str]) -> int:
     except (ValueError, OSError) as error:
         print(f"recur serve: configuration error: {error}", file=sys.stderr)
         return 2
-    from serving.artifact import ArtifactError
-    from serving.runtime import DeviceUnavailable
+    from serving.model.artifact import ArtifactError
+    from serving.model.runtime import DeviceUnavailable
     from serving.server import serve
 
     try:
@@ -101,21 +101,16 @@ def complete_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def run(client, args):
-        for event in client.complete(args.prompt, args.model, args.version, args.max_tokens,
-                                     args.temperature, args.top_k, args.top_p, args.seed,
-                                     args.n, args.stop):
+        for event in client.complete(args.model, args.prompt, version=args.version,
+                                     max_tokens=args.max_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                     n=args.n, stop=args.stop):
             if event.finish_reason:
                 print(f"[{event.index}] {args.prompt} {event.text}".strip()
-                      + f"  ({_finish_name(event.finish_reason)})", flush=True)
+                      + f"  ({event.finish_reason})", flush=True)
         return 0
 
     return _run_client(run, args)
-
-
-def _finish_name(reason: int) -> str:
-    from serving.proto_gen.recur.v1 import recur_pb2 as pb
-
-    return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
 
 
 def score_parser() -> argparse.ArgumentParser:
@@ -183,7 +178,8 @@ def score_command(argv: list[str]) -> int:
         total, tokens, unknown, done = 0.0, 0, 0, 0
         started = last = time.perf_counter()
         out = args.output.open("w") if args.output else None
-        for result in client.score_stream(groups(), args.model, args.version, not args.no_eos):
+        for result in client.score_stream(args.model, groups(), version=args.version,
+                                          add_eos=not args.no_eos):
             for offset, score in enumerate(result.scores):
                 total, tokens = total + score.total_logprob, tokens + score.token_count
                 unknown, done = unknown + score.unknown_count, done + 1
@@ -207,8 +203,8 @@ def score_command(argv: list[str]) -> int:
 
 
 def _score_locally(parser: argparse.ArgumentParser, args) -> int:
-    from serving.artifact import ArtifactError
     from serving.batch_score import Shard, read_file_list, score_shard
+    from serving.model.artifact import ArtifactError
 
     try:
         shard = Shard.parse(args.shard)
@@ -250,7 +246,7 @@ def tag_command(argv: list[str]) -> int:
 
     def run(client, args):
         texts = args.texts or [line.strip() for line in sys.stdin if line.strip()]
-        for result in client.tag(texts, args.model, args.version):
+        for result in client.tag(args.model, texts, version=args.version):
             print(" ".join(f"{t.token}/{t.tag}" for t in result.tokens))
 
     return _run_client(run, args)
@@ -263,7 +259,8 @@ def classify_command(argv: list[str]) -> int:
 
     def run(client, args):
         texts = args.texts or [line.strip() for line in sys.stdin if line.strip()]
-        for text, result in zip(texts, client.classify(texts, args.model, args.version)):
+        for text, result in zip(texts, client.classify(args.model, texts,
+                                                       version=args.version)):
             probs = ", ".join(f"{c.label} {c.probability:.3f}" for c in result.classes)
             print(f"{result.label}\t{text}\t({probs})")
 
@@ -283,7 +280,7 @@ def session_command(argv: list[str]) -> int:
             for line in sys.stdin:
                 if not line.strip():
                     break
-                _show(client.append(session.session_id, line.strip(), args.top_k))
+                _show(client.append(session.session_id, line.strip(), top_k=args.top_k))
         finally:
             client.close_session(session.session_id)
 
@@ -307,13 +304,12 @@ def models_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="recur models", description="List served models.")
     _add_connection(parser)
     args = parser.parse_args(argv)
-    from google.protobuf.json_format import MessageToDict
-
+    from dataclasses import asdict
 
     try:
         with _connect(args) as client:
             for info in client.list_models():
-                print(json.dumps(MessageToDict(info, preserving_proto_field_name=True)))
+                print(json.dumps(asdict(info)))
     except grpc.RpcError as error:
         print(f"{error.code().name}: {error.details()}", file=sys.stderr)
         return 1

@@ -1,18 +1,35 @@
-"""A Python client for Recur's gRPC services: plain values in, plain values out.
+"""A Python client for Recur's gRPC services: plain Python values in and out.
 
-    with RecurClient("localhost:50051") as client:
-        print(client.score(["the cat sat"], model="demo-lm")[0].perplexity)
-        for event in client.complete("the old dogs", model="demo-lm", seed=1):
-            ...
-        session = client.create_session("demo-lm")
-        response = client.append(session.session_id, "the cat")
+    from serving.client import RecurClient
 
-The generated stubs (serving.proto_gen) are typed; this wraps the common calls.
+    with RecurClient("127.0.0.1:50051") as client:
+        (score,) = client.score("demo-lm", ["the old dogs that see a cat sleep"])
+        print(score.perplexity, [t.logprob for t in score.tokens])
+
+        for event in client.complete("demo-lm", "the old dogs", seed=1, max_tokens=10):
+            if event.token is not None:
+                print(event.token.text, end=" ")
+            else:
+                print(f"({event.finish_reason})")   # "eos", "length" or "stop"
+
+        session = client.create_session("demo-lm", "the old dogs", top_k=3)
+        step = client.append(session.session_id, "that the cat sees", top_k=3)
+        print(step.position, [t.text for t in step.next_tokens])
+        client.close_session(session.session_id)
+
+        print(client.tag("demo-pos", ["the cruel cats sleep"])[0].tokens)
+        print(client.classify("demo-cls", ["every dark child sleeps again"])[0].label)
+
+Every call that names a model takes it first, then what to run it on, then keyword
+options (version 0: the highest served). A failed call raises grpc.RpcError with the
+server's status and message. The generated stubs stay available as `language_model`,
+`tagger`, `classifier` and `models` for what this does not wrap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -23,16 +40,153 @@ from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
 # Behind a proxy that hashes on this header (deploy/k8s/components/istio-session-affinity),
 # calls carrying the same key reach the same replica: a session's calls find its state.
 ROUTING_HEADER = "x-recur-routing-key"
+TextOrIds = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    logprob: float  # natural log
+
+
+@dataclass(frozen=True)
+class Score:
+    tokens: list[Token]
+    total_logprob: float
+    token_count: int
+    perplexity: float
+    unknown_count: int  # words mapped to <unk>
+
+
+@dataclass(frozen=True)
+class StreamedScores:
+    id: str  # the id the caller gave the group
+    scores: list[Score]
+
+
+@dataclass(frozen=True)
+class CompletionEvent:
+    """A sample's next token, or (token None) its end: why, and its whole text."""
+
+    index: int
+    token: Token | None = None
+    finish_reason: str | None = None  # "eos", "length" or "stop"
+    text: str = ""
+    model: ModelRef | None = None  # the version that served, on the closing event
+
+
+@dataclass(frozen=True)
+class TaggedToken:
+    token: str
+    tag: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Tagging:
+    tokens: list[TaggedToken]
+
+
+@dataclass(frozen=True)
+class ClassProbability:
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    classes: list[ClassProbability]  # most likely first
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """A session after a call: where it is, and what the call read (by task)."""
+
+    session_id: str
+    model: ModelRef
+    position: int  # tokens read so far
+    tokens: list[Token] = field(default_factory=list)  # language models: the new tokens
+    next_tokens: list[Token] = field(default_factory=list)  # the top_k next tokens
+    tags: list[TaggedToken] = field(default_factory=list)  # taggers
+    classes: list[ClassProbability] = field(default_factory=list)  # classifiers
+    unknown_count: int = 0
+    state_token: bytes = b""  # resumes the session on any replica holding the key
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: int
+    latest: bool
+    task: str
+    cell: str
+    layers: int
+    hidden_size: int
+    bidirectional: bool
+    vocab_size: int
+    labels: list[str]
+    ready: bool
+    device: str
+    providers: list[str]
+    incremental: bool
+
+
+FINISH_REASONS = {pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_LENGTH: "length",
+                  pb.FINISH_REASON_STOP: "stop"}
+
+
+def _tokens(messages) -> list[Token]:
+    return [Token(t.id, t.text, t.logprob) for t in messages]
+
+
+def _score(message: pb.SequenceScore) -> Score:
+    return Score(_tokens(message.tokens), message.total_logprob, message.token_count,
+                 message.perplexity, message.unknown_count)
+
+
+def _ref(message: pb.ModelRef) -> ModelRef:
+    return ModelRef(message.name, message.version)
+
+
+def _classes(messages) -> list[ClassProbability]:
+    return [ClassProbability(c.label, c.probability) for c in messages]
+
+
+def _tagged(messages) -> list[TaggedToken]:
+    return [TaggedToken(t.token, t.tag, t.logprob) for t in messages]
+
+
+def _session(message: pb.SessionResponse) -> SessionState:
+    return SessionState(message.session_id, _ref(message.model), message.position,
+                        _tokens(message.tokens), _tokens(message.next_tokens),
+                        _tagged(message.tags), _classes(message.classes),
+                        message.unknown_count, message.state_token)
+
+
+def _event(message: pb.CompleteResponse) -> CompletionEvent:
+    if message.HasField("token"):
+        token = message.token
+        return CompletionEvent(message.index, Token(token.id, token.text, token.logprob))
+    return CompletionEvent(message.index, None, FINISH_REASONS[message.finish_reason],
+                           message.text, _ref(message.model))
+
+
+def text_or_ids(item: TextOrIds) -> pb.Input:
+    if isinstance(item, str):
+        return pb.Input(text=item)
+    return pb.Input(token_ids=pb.TokenIds(ids=list(item)))
 
 
 def _routing(key: str | None) -> tuple | None:
     return ((ROUTING_HEADER, key),) if key else None
-
-
-def text_or_ids(item: str | Sequence[int]) -> pb.Input:
-    if isinstance(item, str):
-        return pb.Input(text=item)
-    return pb.Input(token_ids=pb.TokenIds(ids=list(item)))
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -81,7 +235,7 @@ def connect(target: str, ca: str | None = None, cert: str | None = None,
 
 
 class RecurClient:
-    def __init__(self, target: str, timeout: float | None = 60.0,
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 60.0,
                  channel: grpc.Channel | None = None):
         self.channel = channel or connect(target)
         self.timeout = timeout
@@ -99,81 +253,108 @@ class RecurClient:
     def close(self) -> None:
         self.channel.close()
 
-    def list_models(self) -> list[pb.ModelInfo]:
-        return list(self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+    def list_models(self) -> list[ModelInfo]:
+        response = self.models.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        return [ModelInfo(m.name, m.version, m.latest, m.task, m.cell, m.layers, m.hidden_size,
+                          m.bidirectional, m.vocab_size, list(m.labels), m.ready, m.device,
+                          list(m.providers), m.incremental) for m in response.models]
 
-    def score(self, items: Sequence[str | Sequence[int]], model: str, version: int = 0,
-              add_eos: bool = True) -> list[pb.SequenceScore]:
+    def score(self, model: str, items: Sequence[TextOrIds], *, version: int = 0,
+              add_eos: bool = True) -> list[Score]:
+        """Every token's log-prob of each text (or token-id list), in order."""
         request = pb.ScoreRequest(model=pb.ModelRef(name=model, version=version),
                                   inputs=[text_or_ids(i) for i in items], add_eos=add_eos)
-        return list(self.language_model.Score(request, timeout=self.timeout).scores)
+        return [_score(s) for s in self.language_model.Score(request,
+                                                             timeout=self.timeout).scores]
 
-    def score_stream(self, items: Iterable[tuple[str, Sequence[str | Sequence[int]]]],
-                     model: str, version: int = 0, add_eos: bool = True,
-                     timeout: float | None = None) -> Iterator[pb.ScoreStreamResponse]:
+    def score_stream(self, model: str, groups: Iterable[tuple[str, Sequence[TextOrIds]]], *,
+                     version: int = 0, add_eos: bool = True,
+                     timeout: float | None = None) -> Iterator[StreamedScores]:
         """(id, sequences) pairs in, one result per pair out, in the same order. Several
-        sequences per message go faster; the input iterable is consumed only as fast as
-        the server takes it."""
+        sequences per group go faster; the input iterable is consumed only as fast as the
+        server takes it."""
         ref = pb.ModelRef(name=model, version=version)
         requests = (pb.ScoreStreamRequest(id=str(key), model=ref,
                                           inputs=[text_or_ids(s) for s in group],
-                                          add_eos=add_eos) for key, group in items)
-        return self.language_model.ScoreStream(requests, timeout=timeout)
+                                          add_eos=add_eos) for key, group in groups)
+        for response in self.language_model.ScoreStream(requests, timeout=timeout):
+            yield StreamedScores(response.id, [_score(s) for s in response.scores])
 
-    def complete(self, prompt: str | Sequence[int], model: str, version: int = 0,
+    def complete(self, model: str, prompt: TextOrIds = "", *, version: int = 0,
                  max_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, n: int = 1,
                  stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-                 timeout: float | None = None) -> Iterator[pb.CompleteResponse]:
+                 timeout: float | None = None) -> Iterator[CompletionEvent]:
+        """The streamed events of n samples (max_tokens 0: the server's default; temperature
+        0: greedy). Interleaved across samples; each sample ends with one event whose
+        finish_reason is set."""
         request = pb.CompleteRequest(
             model=pb.ModelRef(name=model, version=version), prompt=text_or_ids(prompt),
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
             stop=list(stop), stop_token_ids=list(stop_token_ids))
         if seed is not None:
             request.seed = seed
-        return self.language_model.Complete(request, timeout=timeout or self.timeout)
+        call = self.language_model.Complete(request, timeout=timeout or self.timeout)
+        return _Events(call)
 
-    def complete_text(self, prompt: str, model: str, **kwargs) -> list[str]:
+    def complete_text(self, model: str, prompt: TextOrIds = "", **options) -> list[str]:
         """The finished texts of all samples, by sample index."""
         texts: dict[int, str] = {}
-        for event in self.complete(prompt, model, **kwargs):
+        for event in self.complete(model, prompt, **options):
             if event.finish_reason:
                 texts[event.index] = event.text
         return [texts[i] for i in sorted(texts)]
 
-    def create_session(self, model: str, prefix: str | Sequence[int] | None = None,
-                       version: int = 0, top_k: int = 0,
-                       routing_key: str | None = None) -> pb.SessionResponse:
+    def create_session(self, model: str, prefix: TextOrIds | None = None, *, version: int = 0,
+                       top_k: int = 0, routing_key: str | None = None) -> SessionState:
         """`routing_key`: any stable key of the caller's (a conversation id), sent with this
         and every later call of the session so that a hashing proxy keeps them together."""
         request = pb.CreateSessionRequest(model=pb.ModelRef(name=model, version=version),
                                           top_k=top_k)
         if prefix is not None:
             request.prefix.CopyFrom(text_or_ids(prefix))
-        return self.language_model.CreateSession(request, timeout=self.timeout,
-                                                 metadata=_routing(routing_key))
+        return _session(self.language_model.CreateSession(request, timeout=self.timeout,
+                                                          metadata=_routing(routing_key)))
 
-    def append(self, session_id: str, item: str | Sequence[int], top_k: int = 0,
-               routing_key: str | None = None, state_token: bytes = b"") -> pb.SessionResponse:
+    def append(self, session_id: str, item: TextOrIds, *, top_k: int = 0,
+               state_token: bytes = b"", routing_key: str | None = None) -> SessionState:
         """`state_token`: the last response's, so that a replica without the session
         resumes it."""
         request = pb.AppendRequest(session_id=session_id, input=text_or_ids(item), top_k=top_k,
                                    state_token=state_token)
-        return self.language_model.Append(request, timeout=self.timeout,
-                                          metadata=_routing(routing_key))
+        return _session(self.language_model.Append(request, timeout=self.timeout,
+                                                   metadata=_routing(routing_key)))
 
-    def close_session(self, session_id: str, routing_key: str | None = None) -> None:
+    def close_session(self, session_id: str, *, routing_key: str | None = None) -> None:
         self.language_model.CloseSession(pb.CloseSessionRequest(session_id=session_id),
                                          timeout=self.timeout, metadata=_routing(routing_key))
 
-    def tag(self, texts: Sequence[str | Sequence[int]], model: str,
-            version: int = 0) -> list[pb.TaggedSequence]:
+    def tag(self, model: str, texts: Sequence[TextOrIds], *, version: int = 0
+            ) -> list[Tagging]:
         request = pb.TagRequest(model=pb.ModelRef(name=model, version=version),
                                 inputs=[text_or_ids(t) for t in texts])
-        return list(self.tagger.Tag(request, timeout=self.timeout).results)
+        return [Tagging(_tagged(r.tokens))
+                for r in self.tagger.Tag(request, timeout=self.timeout).results]
 
-    def classify(self, texts: Sequence[str | Sequence[int]], model: str,
-                 version: int = 0) -> list[pb.Classification]:
+    def classify(self, model: str, texts: Sequence[TextOrIds], *, version: int = 0
+                 ) -> list[Classification]:
         request = pb.ClassifyRequest(model=pb.ModelRef(name=model, version=version),
                                      inputs=[text_or_ids(t) for t in texts])
-        return list(self.classifier.Classify(request, timeout=self.timeout).results)
+        return [Classification(r.label, _classes(r.classes))
+                for r in self.classifier.Classify(request, timeout=self.timeout).results]
+
+
+class _Events:
+    """A completion's events, as an iterator; `cancel()` ends the call."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __iter__(self) -> Iterator[CompletionEvent]:
+        return self
+
+    def __next__(self) -> CompletionEvent:
+        return _event(next(self._call))
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from serving.artifact import write_artifact
-from serving.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
+from serving.model.artifact import write_artifact
+from serving.model.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
 from training.export import model_metadata
 from training.export.graph import build_graph
 from training.models.language_model import RecurrentLM
@@ -28,7 +28,7 @@ def cuda_runtime(path: Path):
     """The artifact on CUDA, or a skip saying why ONNX Runtime cannot use CUDA here."""
     import pytest
 
-    from serving.runtime import DeviceUnavailable, ModelRuntime
+    from serving.model.runtime import DeviceUnavailable, ModelRuntime
 
     try:
         return ModelRuntime(path, device="cuda")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from export_helpers import cuda_runtime, save_model
 
-from serving.artifact import ArtifactError, load_artifact, write_artifact
-from serving.runtime import DeviceUnavailable, ModelRuntime
+from serving.model.artifact import ArtifactError, load_artifact, write_artifact
+from serving.model.runtime import DeviceUnavailable, ModelRuntime
 from training.models.language_model import RecurrentLM
 
 

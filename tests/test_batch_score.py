@@ -53,7 +53,7 @@ def test_shards_are_disjoint_and_cover_every_line_with_the_servers_scores(
         for record in results:
             file_number = files.index(Path(record["file"]))
             text = LINES[file_number][record["line"]]
-            (expected,) = server.client.score([text], "demo-lm")
+            (expected,) = server.client.score("demo-lm", [text])
             assert record["tokens"] == expected.token_count
             assert record["unknown"] == expected.unknown_count
             assert record["logprob"] == pytest.approx(expected.total_logprob, abs=1e-4)

@@ -11,8 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-BENCHMARKS = ["training.bench", "training.bench_export", "training.bench_serve",
-              "training.bench_gpu"]
+BENCHMARKS = ["bench.train", "bench.export", "bench.serve", "bench.gpu", "bench.soak"]
 
 
 @pytest.mark.parametrize("module", BENCHMARKS)
@@ -25,7 +24,7 @@ def test_each_benchmark_parses_its_flags(module, monkeypatch, capsys):
 
 
 def test_bench_export_times_every_variant_and_checks_it_against_torch():
-    from training.bench_export import bench_one
+    from bench.export import bench_one
 
     result = bench_one("gru", 16, threads=1, rounds=1)
     for name in ("loop", "fused_op", "torch_eager"):
@@ -37,7 +36,7 @@ def test_bench_export_times_every_variant_and_checks_it_against_torch():
 
 @pytest.mark.parametrize("nodes", [1, 11])
 def test_bench_gpu_loop_reference_adds_once_per_node_and_step(nodes):
-    from training.bench_gpu import _loop_of_adds
+    from bench.gpu import _loop_of_adds
 
     model = _loop_of_adds(nodes, 3, 5)
     onnx.checker.check_model(model, full_check=True)

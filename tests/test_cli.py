@@ -67,7 +67,8 @@ def test_unknown_command_and_help():
 
 def test_serving_imports_without_torch_or_training():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['training'] = None\n"
-            "import serving.tokenizer, serving.sampler, serving.artifact, serving.runtime\n"
+            "import serving.model.tokenizer, serving.model.sampler, serving.model.artifact\n"
+            "import serving.model.runtime, serving.server, serving.cli, serving.batch_score\n"
             "import recur.cli\n"
             "print('ok')")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -9,15 +9,15 @@ import grpc
 import pytest
 from serving_helpers import RunningServer
 
-from serving.proto_gen.recur.v1 import recur_pb2 as pb
-from serving.sampler import SamplingParams
+from serving.model.sampler import SamplingParams
 
 PROMPT = "the old dogs that"
 
 
 @pytest.fixture(scope="module")
 def server(model_repository):
-    running = RunningServer(model_repository, max_completion_tokens=100_000)
+    running = RunningServer(model_repository, max_completion_tokens=100_000,
+                            version_policy="all")  # both versions of endless
     yield running
     running.stop()
 
@@ -26,7 +26,7 @@ def tokens_and_finish(events) -> dict[int, tuple[list[int], int, str]]:
     samples: dict[int, tuple[list[int], int, str]] = {}
     for event in events:
         ids, _, _ = samples.setdefault(event.index, ([], 0, ""))
-        if event.HasField("token"):
+        if event.token is not None:
             ids.append(event.token.id)
         else:
             samples[event.index] = (ids, event.finish_reason, event.text)
@@ -35,7 +35,7 @@ def tokens_and_finish(events) -> dict[int, tuple[list[int], int, str]]:
 
 def complete(server, seed, **kwargs):
     kwargs.setdefault("max_tokens", 15)
-    return tokens_and_finish(server.client.complete(PROMPT, "demo-lm", seed=seed, **kwargs))
+    return tokens_and_finish(server.client.complete("demo-lm", PROMPT, seed=seed, **kwargs))
 
 
 def test_greedy_completion_matches_the_torch_model(server, demo_lm_run):
@@ -47,7 +47,7 @@ def test_greedy_completion_matches_the_torch_model(server, demo_lm_run):
     ids, reason, text = complete(server, seed=0, temperature=0.0)[0]
     eos = task.vocab.eos_id
     assert ids == [t for t in expected if t != eos]
-    assert reason == (pb.FINISH_REASON_EOS if expected[-1] == eos else pb.FINISH_REASON_LENGTH)
+    assert reason == ("eos" if expected[-1] == eos else "length")
     assert text == task.vocab.decode(ids)
 
 
@@ -84,9 +84,9 @@ def test_n_samples_stream_each_with_its_own_finish(server):
     samples = complete(server, seed=3, n=4, max_tokens=6)
     assert sorted(samples) == [0, 1, 2, 3]
     for ids, reason, _ in samples.values():
-        assert reason in (pb.FINISH_REASON_EOS, pb.FINISH_REASON_LENGTH)
+        assert reason in ("eos", "length")
         assert len(ids) <= 6
-        assert reason != pb.FINISH_REASON_LENGTH or len(ids) == 6
+        assert reason != "length" or len(ids) == 6
 
 
 def test_stop_strings_and_stop_tokens_end_a_sample(server, model_repository):
@@ -95,22 +95,22 @@ def test_stop_strings_and_stop_tokens_end_a_sample(server, model_repository):
     assert len(words) >= 3
     ids, reason, cut = complete(server, seed=0, temperature=0.0, max_tokens=8,
                                 stop=[words[2]])[0]
-    assert reason == pb.FINISH_REASON_STOP
+    assert reason == "stop"
     assert words[2] not in cut and cut.strip() == " ".join(words[:2])
     ids, reason, _ = complete(server, seed=0, temperature=0.0, max_tokens=8,
                               stop_token_ids=[greedy[1]])[0]
-    assert reason == pb.FINISH_REASON_STOP and ids == greedy[:1]
+    assert reason == "stop" and ids == greedy[:1]
 
 
 def test_an_empty_prompt_starts_a_new_sentence(server):
-    samples = tokens_and_finish(server.client.complete("", "demo-lm", seed=2, max_tokens=5))
+    samples = tokens_and_finish(server.client.complete("demo-lm", "", seed=2, max_tokens=5))
     assert samples[0][0]
 
 
 def test_the_highest_version_serves_unless_one_is_named(server):
-    events = list(server.client.complete("w3", "endless", seed=0, max_tokens=3))
+    events = list(server.client.complete("endless", "w3", seed=0, max_tokens=3))
     assert events[-1].model.version == 2
-    events = list(server.client.complete("w3", "endless", version=1, seed=0, max_tokens=3))
+    events = list(server.client.complete("endless", "w3", version=1, seed=0, max_tokens=3))
     assert events[-1].model.version == 1
 
 
@@ -127,22 +127,22 @@ def test_a_completion_runs_its_prompt_and_then_one_step_per_token(server):
     def prompt_tokens() -> float:
         return server.metric("recur_tokens_total", model="endless/1", kind="prompt")
 
-    list(server.client.complete("", "endless", version=1, seed=0, max_tokens=1))  # reads <eos>
+    list(server.client.complete("endless", "", version=1, seed=0, max_tokens=1))  # reads <eos>
     before, prompted = calls(), prompt_tokens()
-    events = list(server.client.complete("", "endless", version=1, seed=0, max_tokens=6))
-    assert sum(event.HasField("token") for event in events) == 6
+    events = list(server.client.complete("endless", "", version=1, seed=0, max_tokens=6))
+    assert sum(event.token is not None for event in events) == 6
     assert calls() - before == 5
     assert prompt_tokens() == prompted
     before = calls()
-    events = list(server.client.complete("w3 w4 w5", "endless", version=1, seed=0,
+    events = list(server.client.complete("endless", "w3 w4 w5", version=1, seed=0,
                                          max_tokens=6))
-    assert sum(event.HasField("token") for event in events) == 6
+    assert sum(event.token is not None for event in events) == 6
     assert calls() - before == 1 + 5  # the prompt's three tokens in one call
     assert prompt_tokens() == prompted + 3
 
 
 def test_a_deadline_stops_a_completion_at_the_next_step(server):
-    stream = server.client.complete("w3", "endless", version=1, seed=0, max_tokens=100_000,
+    stream = server.client.complete("endless", "w3", version=1, seed=0, max_tokens=100_000,
                                     timeout=0.5)
     with pytest.raises(grpc.RpcError) as caught:
         for _ in stream:
@@ -158,7 +158,7 @@ def test_a_deadline_stops_a_completion_at_the_next_step(server):
 
 def test_a_cancelled_completion_stops_using_compute(server):
     before = generated(server)
-    stream = server.client.complete("w3", "endless", version=1, seed=0, max_tokens=100_000)
+    stream = server.client.complete("endless", "w3", version=1, seed=0, max_tokens=100_000)
     for count, _ in enumerate(stream):
         if count == 20:
             stream.cancel()

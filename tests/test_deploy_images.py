@@ -57,7 +57,7 @@ def test_the_serving_image_has_no_torch_serves_and_writes_nothing(model_reposito
                 health_pb2.HealthCheckRequest(service=""), timeout=10)
             assert response.status == health_pb2.HealthCheckResponse.SERVING
         with RecurClient(process.target) as client:
-            (score,) = client.score(["the dog sleeps"], "demo-lm")
+            (score,) = client.score("demo-lm", ["the dog sleeps"])
             assert score.token_count == 4 and score.perplexity > 1
     finally:
         process.stop()

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from serving import cli as serving_cli
+from serving.api.health import LIVENESS
 from serving.config import ServerConfig
-from serving.server import LIVENESS
 from training import cli as training_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -302,7 +302,7 @@ def test_the_autoscaler_metric_is_on_a_running_server(built, model_repository):
         series[rule["name"]["as"]] = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"])[0]
     server = RunningServer(model_repository)
     try:
-        server.client.score(["the dog"], "demo-lm")
+        server.client.score("demo-lm", ["the dog"])
         page = server.metrics_text()
     finally:
         server.stop()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from serving_helpers import RunningServer
 
-from serving.runtime import ModelRuntime
+from serving.model.runtime import ModelRuntime
 
 TEXTS = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10 w11", "w3 w3 zzz"]
 
@@ -27,7 +27,7 @@ def direct(model_repository, name: str, text: str):
 
 @pytest.mark.parametrize("name", ["tagger-bi", "tagger-uni"])
 def test_tag_matches_the_runtime(server, model_repository, name):
-    results = server.client.tag(TEXTS, name)
+    results = server.client.tag(name, TEXTS)
     for text, result in zip(TEXTS, results):
         runtime, logprobs = direct(model_repository, name, text)
         assert [t.token for t in result.tokens] == text.split()
@@ -39,7 +39,7 @@ def test_tag_matches_the_runtime(server, model_repository, name):
 
 @pytest.mark.parametrize("name", ["classifier-uni", "classifier-mean"])
 def test_classify_matches_the_runtime(server, model_repository, name):
-    results = server.client.classify(TEXTS, name)
+    results = server.client.classify(name, TEXTS)
     for text, result in zip(TEXTS, results):
         runtime, logprobs = direct(model_repository, name, text)
         probabilities = {c.label: c.probability for c in result.classes}
@@ -51,7 +51,7 @@ def test_classify_matches_the_runtime(server, model_repository, name):
 
 def test_a_tagging_session_tags_each_piece_as_the_whole_text(server):
     text = "w1 w2 w3 w4 w5 w6 w7"
-    whole = server.client.tag([text], "tagger-uni")[0]
+    whole = server.client.tag("tagger-uni", [text])[0]
     session = server.client.create_session("tagger-uni", prefix="w1 w2")
     pieces = [session] + [server.client.append(session.session_id, p)
                           for p in ("w3", "w4 w5 w6", "w7")]
@@ -68,6 +68,6 @@ def test_a_classifier_session_gives_the_class_distribution_of_the_text_so_far(se
     for piece in ("w1 w2", "w9", "w4 w4 w4"):
         text.append(piece)
         response = server.client.append(session.session_id, piece)
-        whole = server.client.classify([" ".join(text)], "classifier-uni")[0]
+        whole = server.client.classify("classifier-uni", [" ".join(text)])[0]
         assert {c.label: c.probability for c in response.classes} == pytest.approx(
             {c.label: c.probability for c in whole.classes}, abs=1e-5)

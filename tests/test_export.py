@@ -7,7 +7,7 @@ import pytest
 import torch
 from export_helpers import cuda_runtime, save_model
 
-from serving.runtime import ModelRuntime
+from serving.model.runtime import ModelRuntime
 from training.export.graph import build_graph
 from training.export.verify import ExportMismatch, verify
 from training.models.encoders import RecurrentClassifier, RecurrentTagger
@@ -180,7 +180,7 @@ def test_incremental_chunks_equal_scoring_at_once(cell, tmp_path):
 
 
 def test_runtime_score_follows_the_convention(tmp_path):
-    from serving.tokenizer import EOS, UNK, Normalization, Vocabulary
+    from serving.model.tokenizer import EOS, UNK, Normalization, Vocabulary
     from training.evaluate import sentence_logprobs
 
     vocab = Vocabulary([UNK, EOS] + [f"w{i}" for i in range(21)], Normalization())

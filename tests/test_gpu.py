@@ -36,7 +36,7 @@ def test_training_on_cuda_learns_and_exports(synth_dir, tmp_path):
     config = demo_config("demo-lm", synth_dir, 'train.device="cuda"', "train.epochs=1")
     summary = train(config, tmp_path / "run")
     assert summary["valid"]["ppl"] < 10.0
-    from serving.runtime import ModelRuntime
+    from serving.model.runtime import ModelRuntime
     from training.export import export_run
 
     metadata = export_run(tmp_path / "run", tmp_path / "repo" / "lm" / "1")

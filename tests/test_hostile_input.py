@@ -47,7 +47,7 @@ def server(model_repository, tmp_path_factory):
 
 
 def assert_healthy(server: RunningServer) -> None:
-    (score,) = server.client.score(["the dog sleeps"], "demo-lm")
+    (score,) = server.client.score("demo-lm", ["the dog sleeps"])
     assert score.token_count == 4
 
 

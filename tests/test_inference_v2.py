@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from serving_helpers import RunningServer
 
+from serving.api.inference_v2.tensors import encode_bytes
 from serving.proto_gen.inference import grpc_service_pb2 as v2
 from serving.proto_gen.inference import grpc_service_pb2_grpc as v2_grpc
 from serving.proto_gen.inference import model_config_pb2 as mc
-from serving.tensors import encode_bytes
 
 CHECK = Path(__file__).parent / "clients" / "triton_check.py"
 TEXTS = ["the old dogs", "that the cat sees", "run"]
@@ -83,7 +83,7 @@ def test_metadata_and_config_as_tritonclient_reads_them(report):
 
 @pytest.mark.slow
 def test_stateless_infer_equals_score(report, server):
-    scores = server.client.score(TEXTS[:2], "demo-lm")
+    scores = server.client.score("demo-lm", TEXTS[:2])
     for got, total, want in zip(report["stateless"], report["stateless_totals"], scores):
         np.testing.assert_allclose(got, [t.logprob for t in want.tokens], atol=1e-5)
         assert total == pytest.approx(want.total_logprob, abs=1e-4)
@@ -135,7 +135,7 @@ def text_tensor(*texts: str) -> dict:
 
 
 def test_token_ids_typed_contents_and_encoders(server):
-    ids = server.client.score(["the old dogs"], "demo-lm")[0].tokens
+    ids = server.client.score("demo-lm", ["the old dogs"])[0].tokens
     row = [t.id for t in ids][:-1]  # without <eos>: it is appended by add_eos
     tensor = v2.ModelInferRequest.InferInputTensor(
         name="TOKEN_IDS", datatype="INT64", shape=[2, len(row)],

@@ -37,7 +37,7 @@ def wait_for(condition, timeout: float = 20.0) -> None:
 def test_new_versions_are_picked_up_without_failing_requests(model_repository, tmp_path):
     source = model_repository / "demo-lm" / "1"
     shutil.copytree(source, tmp_path / "demo-lm" / "1")
-    server = RunningServer(tmp_path, repository_poll_s=0.1)
+    server = RunningServer(tmp_path, repository_poll_s=0.1, version_policy="all")
     failures, served_versions, stop = [], set(), threading.Event()
 
     def traffic():
@@ -65,7 +65,7 @@ def test_new_versions_are_picked_up_without_failing_requests(model_repository, t
         assert versions == {1, 2}
         shutil.copyfile(source / "model.onnx", partial / "model.onnx")  # the copy finishes
         wait_for(lambda: 3 in served_versions)
-        (score,) = server.client.score(["the dog sleeps"], "demo-lm", version=1)
+        (score,) = server.client.score("demo-lm", ["the dog sleeps"], version=1)
         assert score.token_count == 4  # the old versions stay available by number
     finally:
         stop.set()

@@ -17,8 +17,8 @@ from serving_helpers import RunningServer
 from test_server_process import ServeProcess, serve_command
 
 from serving.client import RecurClient
+from serving.engine.state_tokens import Snapshot, StateTokenKeys
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
-from serving.state_tokens import Snapshot, StateTokenKeys
 
 WORDS = ["the", "old", "dogs", "that", "the", "cat", "sees", "run", "and", "a", "dog", "sleeps"]
 PIECES = [WORDS[:1], WORDS[1:4], WORDS[4:5], WORDS[5:9], WORDS[9:]]  # 1, 3, 1, 4, 3 tokens

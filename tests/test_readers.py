@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from serving.tokenizer import EOS, UNK, Normalization, Vocabulary
+from serving.model.tokenizer import EOS, UNK, Normalization, Vocabulary
 from training.data import readers
 
 WORD = Normalization("word")

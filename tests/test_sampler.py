@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.sampler import BLOCK, SamplingParams, draw, make_rng, sample_batch, sample_next
+from serving.model.sampler import BLOCK, SamplingParams, draw, make_rng, sample_batch, sample_next
 
 LOGPROBS = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
 

@@ -16,7 +16,7 @@ def server(model_repository):
 
 
 def test_streaming_50000_sentences_keeps_order_ids_and_a_bounded_queue(server):
-    vocab = server.server.repository.get("demo-lm", 0).runtime.vocab
+    vocab = server.server.engine.model("demo-lm").runtime.vocab
     words = [w for w in vocab.tokens if not w.startswith("<")]
     rng = np.random.default_rng(5)
     sentences = [" ".join(rng.choice(words, int(rng.integers(1, 9)))) for _ in range(50_000)]
@@ -32,7 +32,7 @@ def test_streaming_50000_sentences_keeps_order_ids_and_a_bounded_queue(server):
             start = consumed
 
     results, ids, lead = [], [], 0
-    for result in server.client.score_stream(items(), "demo-lm", timeout=600):
+    for result in server.client.score_stream("demo-lm", items(), timeout=600):
         ids.append(result.id)
         assert result.id == f"g{len(results)}"  # in order, ids intact
         results += [(s.token_count, s.total_logprob) for s in result.scores]
@@ -42,9 +42,9 @@ def test_streaming_50000_sentences_keeps_order_ids_and_a_bounded_queue(server):
     assert lead < 5_000, lead
     assert len(results) == 50_000
     assert [r[0] for r in results] == [len(s.split()) + 1 for s in sentences]
-    assert server.server.repository.get("demo-lm", 0).batcher.peak_depth <= 64
+    assert server.server.engine.model("demo-lm").scheduler.peak_depth <= 64
     check = [0, 1, 777, 49_999]
-    direct = server.client.score([sentences[i] for i in check], "demo-lm")
+    direct = server.client.score("demo-lm", [sentences[i] for i in check])
     for i, score in zip(check, direct):
         assert results[i][1] == pytest.approx(score.total_logprob, abs=1e-4)
     tokens = sum(r[0] for r in results)
@@ -59,6 +59,6 @@ def test_a_bad_message_ends_the_stream_with_its_id(server):
         yield "broken", ["a cat", [10**9]]
 
     with pytest.raises(grpc.RpcError) as caught:
-        list(server.client.score_stream(items(), "demo-lm", timeout=30))
+        list(server.client.score_stream("demo-lm", items(), timeout=30))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'broken'" in caught.value.details()

@@ -80,7 +80,7 @@ def server(model_repository, pki):
 
 
 def score(channel: grpc.Channel) -> float:
-    return RecurClient("", channel=channel).score(["the dog"], "demo-lm")[0].perplexity
+    return RecurClient("", channel=channel).score("demo-lm", ["the dog"])[0].perplexity
 
 
 def test_a_client_with_the_ca_its_certificate_and_a_token_is_served(server, pki):
@@ -113,10 +113,10 @@ def test_missing_and_wrong_tokens_are_unauthenticated_alike(server, pki):
     channel = connect(server.target, pki["ca"], pki["client"], pki["client-key"])
     client = RecurClient("", channel=channel)
     with pytest.raises(grpc.RpcError) as refused:
-        list(client.complete("the", "demo-lm", max_tokens=2))
+        list(client.complete("demo-lm", "the", max_tokens=2))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as refused:
-        list(client.score_stream([("0", ["the dog"])], "demo-lm"))
+        list(client.score_stream("demo-lm", [("0", ["the dog"])]))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     channel.close()
 
@@ -137,7 +137,7 @@ def test_bad_security_settings_are_refused(tmp_path):
         ServerConfig(tls_cert="a.pem")
     with pytest.raises(ValueError, match="tls_client_ca .* needs tls_cert"):
         ServerConfig(tls_client_ca="ca.pem")
-    from serving.security import read_tokens
+    from serving.api.rpc.auth import read_tokens
 
     short = tmp_path / "tokens"
     short.write_text("# comment\nshort\n")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from serving_helpers import PROVIDER, TEST_DEVICE, RunningServer
 
+from serving.model.runtime import ModelRuntime
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
-from serving.runtime import ModelRuntime
 
 TEXTS = ["the old dogs that the cat sees run", "a dog sleeps", "the cats that a dog likes eat",
          "dogs run", "the cat that the dogs see sleeps quietly today"]
@@ -18,7 +18,7 @@ TEXTS = ["the old dogs that the cat sees run", "a dog sleeps", "the cats that a 
 
 @pytest.fixture(scope="module")
 def server(model_repository):
-    running = RunningServer(model_repository, max_queue_delay_ms=2.0)
+    running = RunningServer(model_repository, max_queue_delay_ms=2.0, version_policy="all")
     yield running
     running.stop()
 
@@ -29,7 +29,7 @@ def runtime(model_repository) -> ModelRuntime:
 
 
 def test_score_matches_the_runtime_and_the_scoring_convention(server, runtime):
-    scores = server.client.score(TEXTS, "demo-lm")
+    scores = server.client.score("demo-lm", TEXTS)
     vocab = runtime.vocab
     expected = runtime.score([vocab.encode(t, add_eos=True) for t in TEXTS])
     for score, want, text in zip(scores, expected, TEXTS):
@@ -39,7 +39,7 @@ def test_score_matches_the_runtime_and_the_scoring_convention(server, runtime):
         assert score.tokens[-1].text == "<eos>"
         assert score.total_logprob == pytest.approx(float(np.sum(want)), abs=1e-4)
         assert score.perplexity == pytest.approx(np.exp(-np.sum(want) / len(want)), rel=1e-5)
-    no_eos = server.client.score(TEXTS[:1], "demo-lm", add_eos=False)[0]
+    no_eos = server.client.score("demo-lm", TEXTS[:1], add_eos=False)[0]
     assert no_eos.token_count == len(TEXTS[0].split())
     np.testing.assert_allclose([t.logprob for t in no_eos.tokens],
                                [t.logprob for t in scores[0].tokens][:-1], atol=1e-6)
@@ -47,10 +47,10 @@ def test_score_matches_the_runtime_and_the_scoring_convention(server, runtime):
 
 def test_score_counts_unknown_words_and_accepts_token_ids(server, runtime):
     text = "the zyzzyva dog qwerty sleeps"
-    by_text = server.client.score([text], "demo-lm")[0]
+    by_text = server.client.score("demo-lm", [text])[0]
     assert by_text.unknown_count == 2
     ids = runtime.vocab.encode(text)
-    by_ids = server.client.score([ids], "demo-lm")[0]
+    by_ids = server.client.score("demo-lm", [ids])[0]
     assert [t.logprob for t in by_ids.tokens] == [t.logprob for t in by_text.tokens]
 
 
@@ -71,7 +71,7 @@ def test_incremental_appends_equal_one_score_and_the_torch_model(server, demo_lm
         start += size
         assert response.position == start
     server.client.close_session(session.session_id)
-    whole = server.client.score([text], "demo-lm", add_eos=False)[0]
+    whole = server.client.score("demo-lm", [text], add_eos=False)[0]
     np.testing.assert_allclose(got, [t.logprob for t in whole.tokens], atol=1e-5)
     _, task, model = load_run(demo_lm_run, device="cpu")
     ids = torch.tensor([[task.vocab.eos_id] + task.vocab.encode(text)])
@@ -149,7 +149,7 @@ def test_concurrent_appends_to_one_session_apply_in_order(server, runtime):
     positions = sorted(r.position for r in responses)
     assert positions == list(range(1, len(ids) + 1))
     order = [r.tokens[0].id for r in sorted(responses, key=lambda r: r.position)]
-    whole = server.client.score([order], "demo-lm", add_eos=False)[0]
+    whole = server.client.score("demo-lm", [order], add_eos=False)[0]
     by_position = [r.tokens[0].logprob for r in sorted(responses, key=lambda r: r.position)]
     np.testing.assert_allclose(by_position, [t.logprob for t in whole.tokens], atol=1e-5)
 
@@ -165,7 +165,7 @@ def test_converse_stream_keeps_a_session_for_its_lifetime(server):
     responses = list(server.client.language_model.Converse(requests(), timeout=30))
     assert [r.position for r in responses] == [1, 3, 4]
     assert len({r.session_id for r in responses}) == 1
-    whole = server.client.score(["the old dogs run"], "demo-lm", add_eos=False)[0]
+    whole = server.client.score("demo-lm", ["the old dogs run"], add_eos=False)[0]
     got = [t.logprob for r in responses for t in r.tokens]
     np.testing.assert_allclose(got, [t.logprob for t in whole.tokens], atol=1e-5)
     assert server.metric("recur_active_sessions", model="demo-lm/1") == before
@@ -193,16 +193,16 @@ def test_metrics_move_by_exactly_what_was_done(server):
                              code=code)
 
     before, requests = scored(), finished("Score")
-    scores = server.client.score(TEXTS, "demo-lm")
+    scores = server.client.score("demo-lm", TEXTS)
     assert scored() - before == sum(s.token_count for s in scores)
     assert finished("Score") == requests + 1
     failures = finished("Score", "INVALID_ARGUMENT")
     with pytest.raises(grpc.RpcError):
-        server.client.score([[10**9]], "demo-lm")
+        server.client.score("demo-lm", [[10**9]])
     assert finished("Score", "INVALID_ARGUMENT") == failures + 1
     assert scored() - before == sum(s.token_count for s in scores)
     tagged = server.metric("recur_tokens_total", model="tagger-bi/1", kind="tagged")
-    server.client.tag(["w1 w2 w3", "w4"], "tagger-bi")
+    server.client.tag("tagger-bi", ["w1 w2 w3", "w4"])
     assert server.metric("recur_tokens_total", model="tagger-bi/1", kind="tagged") == tagged + 4
     assert server.metric("recur_model_info", name="demo-lm", version="1", task="lm",
                          cell="lstm", device=TEST_DEVICE) == 1

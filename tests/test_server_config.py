@@ -55,17 +55,17 @@ def test_connections_are_recycled_after_their_maximum_age(model_repository):
     from serving_helpers import RunningServer
 
     server = RunningServer(model_repository, max_connection_age_s=0.5, grace_s=0.5,
-                           max_completion_tokens=1_000_000)
+                           max_completion_tokens=1_000_000, version_policy="all")
     try:
         started = time.monotonic()
-        stream = server.client.complete("w3", "endless", version=1, seed=0,
+        stream = server.client.complete("endless", "w3", version=1, seed=0,
                                         max_tokens=1_000_000, timeout=30)
         with pytest.raises(grpc.RpcError) as cut:
             for _ in stream:
                 pass
         assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - started < 10
-        (score,) = server.client.score(["the dog"], "demo-lm")  # the channel reconnects
+        (score,) = server.client.score("demo-lm", ["the dog"])  # the channel reconnects
         assert score.token_count == 3
     finally:
         server.stop()

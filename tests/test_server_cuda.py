@@ -39,8 +39,8 @@ def test_every_model_runs_on_cuda(servers):
 
 def test_scores_and_appends_on_cuda_equal_the_cpu(servers):
     gpu, cpu = servers
-    on_gpu = logprobs(gpu.client.score(TEXTS, "demo-lm"))
-    for a, b in zip(on_gpu, logprobs(cpu.client.score(TEXTS, "demo-lm"))):
+    on_gpu = logprobs(gpu.client.score("demo-lm", TEXTS))
+    for a, b in zip(on_gpu, logprobs(cpu.client.score("demo-lm", TEXTS))):
         np.testing.assert_allclose(a, b, atol=1e-4)
     words = " ".join(TEXTS).split()
     session = gpu.client.create_session("demo-lm", prefix=" ".join(words[:3]))
@@ -49,7 +49,7 @@ def test_scores_and_appends_on_cuda_equal_the_cpu(servers):
         response = gpu.client.append(session.session_id, " ".join(words[start:start + 4]))
         appended += [t.logprob for t in response.tokens]
     gpu.client.close_session(session.session_id)
-    whole = gpu.client.score([" ".join(words)], "demo-lm", add_eos=False)
+    whole = gpu.client.score("demo-lm", [" ".join(words)], add_eos=False)
     np.testing.assert_allclose(appended, logprobs(whole)[0], atol=1e-5)
 
 
@@ -58,7 +58,7 @@ def test_concurrent_greedy_completions_on_cuda_equal_the_cpu(servers):
     prompts = [" ".join(text.split()[:n]) for text in TEXTS for n in (1, 3)]
 
     def greedy(server, prompt):
-        return server.client.complete_text(prompt, "demo-lm", temperature=0.0, max_tokens=20)
+        return server.client.complete_text("demo-lm", prompt, temperature=0.0, max_tokens=20)
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         on_gpu = list(pool.map(lambda p: greedy(gpu, p), prompts))
@@ -67,7 +67,7 @@ def test_concurrent_greedy_completions_on_cuda_equal_the_cpu(servers):
 
 @pytest.mark.parametrize("name", ["tagger-bi", "tagger-uni"])
 def test_tags_on_cuda_equal_the_cpu(servers, name):
-    gpu, cpu = (server.client.tag(ENCODER_TEXTS, name) for server in servers)
+    gpu, cpu = (server.client.tag(name, ENCODER_TEXTS) for server in servers)
     assert [[t.tag for t in r.tokens] for r in gpu] == [[t.tag for t in r.tokens] for r in cpu]
     for a, b in zip(logprobs(gpu), logprobs(cpu)):
         np.testing.assert_allclose(a, b, atol=1e-4)
@@ -75,7 +75,7 @@ def test_tags_on_cuda_equal_the_cpu(servers, name):
 
 @pytest.mark.parametrize("name", ["classifier-uni", "classifier-mean"])
 def test_classes_on_cuda_equal_the_cpu(servers, name):
-    gpu, cpu = (server.client.classify(ENCODER_TEXTS, name) for server in servers)
+    gpu, cpu = (server.client.classify(name, ENCODER_TEXTS) for server in servers)
     for a, b in zip(gpu, cpu):
         assert a.label == b.label
         assert ({c.label: c.probability for c in a.classes}

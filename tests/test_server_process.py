@@ -56,7 +56,7 @@ class ServeProcess:
 
 def serve_command(repository: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "recur", "serve", "--model-repository", str(repository),
-            "--port", "0", "--metrics-port", "0", *flags]
+            "--port", "0", "--metrics-port", "0", "--version-policy", "all", *flags]
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_health_reflection_and_metrics(process):
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
         assert {"recur.v1.LanguageModel", "recur.v1.Tagger", "recur.v1.Classifier",
                 "recur.v1.Models", "grpc.health.v1.Health"} <= services
-        RecurClient(process.target, channel=channel).score(["the dog"], "demo-lm")
+        RecurClient(process.target, channel=channel).score("demo-lm", ["the dog"])
     page = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics").read()
     assert b'recur_model_info{' in page and b"recur_requests_total{" in page
     promtool = shutil.which("promtool")
@@ -108,7 +108,7 @@ def test_sigterm_drains_in_flight_work_and_closes_streams_with_a_reason(model_re
 
         watcher = threading.Thread(target=follow, daemon=True)
         watcher.start()
-        completion = client.complete("w3", "endless", version=1, seed=0, max_tokens=1_000_000,
+        completion = client.complete("endless", "w3", version=1, seed=0, max_tokens=1_000_000,
                                      timeout=30)
         next(completion)
         time.sleep(0.3)
@@ -120,7 +120,7 @@ def test_sigterm_drains_in_flight_work_and_closes_streams_with_a_reason(model_re
         for future in scores:  # every unary request in flight finishes
             assert len(future.result().scores) == 1
         with pytest.raises(grpc.RpcError) as refused:  # and no new work is accepted
-            client.score(["a dog"], "demo-lm")
+            client.score("demo-lm", ["a dog"])
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.RpcError) as caught:
             for _ in completion:
@@ -149,10 +149,10 @@ def test_the_health_port_serves_probes_alone_and_stays_live_through_the_drain(
 
         assert status("") == SERVING and status("liveness") == SERVING
         with pytest.raises(grpc.RpcError) as caught:  # the probe port serves health only
-            RecurClient(process.health_target, channel=probes).score(["a dog"], "demo-lm")
+            RecurClient(process.health_target, channel=probes).score("demo-lm", ["a dog"])
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         client = RecurClient(process.target)
-        completion = client.complete("w3", "endless", version=1, seed=0, max_tokens=1_000_000,
+        completion = client.complete("endless", "w3", version=1, seed=0, max_tokens=1_000_000,
                                      timeout=30)
         next(completion)  # a stream keeps the drain going for the grace period
         process.process.send_signal(signal.SIGTERM)

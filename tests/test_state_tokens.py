@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.state_tokens import Snapshot, StateTokenKeys, TokenRejected
+from serving.engine.state_tokens import Snapshot, StateTokenKeys, TokenRejected
 
 KEY, OTHER = b"k" * 32, b"o" * 32
 SNAPSHOT = Snapshot("demo-lm", 3, 17, np.arange(12, dtype=np.float32).reshape(2, 6) / 7, 42,

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from serving.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
+from serving.model.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
 
 
 def test_word_normalization_lowercases_and_maps_numbers():

@@ -115,7 +115,7 @@ def generate_command(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-n", "--samples", type=int, default=1)
     args = parser.parse_args(argv)
-    from serving.sampler import SamplingParams
+    from serving.model.sampler import SamplingParams
     from training.evaluate import load_run
     from training.generate import generate
 
@@ -158,7 +158,7 @@ def export_command(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, metavar="REPO/NAME/VERSION",
                         help="artifact directory; VERSION is an integer, never overwritten")
     args = parser.parse_args(argv)
-    from serving.artifact import ArtifactError
+    from serving.model.artifact import ArtifactError
     from training.export import ExportError, export_run
     from training.export.verify import ExportMismatch
 

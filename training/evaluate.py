@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from serving.tokenizer import Vocabulary
+from serving.model.tokenizer import Vocabulary
 from training import checkpoint
 from training.config import load_config
 from training.models.ngram import KneserNey

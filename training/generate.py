@@ -1,6 +1,6 @@
 """Text generation by repeated sampling: each sampled token is fed back as the next input.
 
-Sampling goes through serving.sampler, the server's sampler, so the same seed gives the
+Sampling goes through serving.model.sampler, the server's sampler, so the same seed gives the
 same text here and from the server.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from serving.sampler import SamplingParams, make_rng, sample_next
-from serving.tokenizer import Vocabulary
+from serving.model.sampler import SamplingParams, make_rng, sample_next
+from serving.model.tokenizer import Vocabulary
 
 
 @torch.inference_mode()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
+from serving.model.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
 from training import metrics
 from training.config import Config
 from training.data import batching, readers

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from serving.tokenizer import EOS, Normalization
+from serving.model.tokenizer import EOS, Normalization
 
 
 def data_root() -> Path:

@@ -1,4 +1,4 @@
-"""`recur export`: a trained run becomes a verified model artifact (serving/artifact.py)."""
+"""`recur export`: a trained run becomes a verified model artifact (serving/model/artifact.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import onnx
 
-from serving.artifact import write_artifact
-from serving.runtime import ModelRuntime
+from serving.model.artifact import write_artifact
+from serving.model.runtime import ModelRuntime
 from training.evaluate import load_run
 from training.export.graph import OPSET, build_graph
 from training.export.verify import verify

@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from training.export.builder import Dims, GraphBuilder
 from training.export.lm_head import lm_head
 from training.models.encoders import RecurrentClassifier, RecurrentTagger
 from training.models.language_model import RecurrentLM
@@ -25,36 +26,6 @@ from training.models.recurrence import RecurrentLayer, RecurrentStack
 
 OPSET = 17
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
-
-
-class _Builder:
-    """Collects nodes and initializers; names are unique across the model and its bodies."""
-
-    def __init__(self, counter: list[int] | None = None):
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.value_info: list[onnx.ValueInfoProto] = []
-        self._counter = counter if counter is not None else [0]
-
-    def fresh(self, prefix: str) -> str:
-        self._counter[0] += 1
-        return f"{prefix}_{self._counter[0]}"
-
-    def child(self) -> _Builder:
-        return _Builder(self._counter)
-
-    def const(self, value, name: str | None = None, dtype=np.float32) -> str:
-        array = np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
-                           else value, dtype=dtype)
-        name = name or self.fresh("const")
-        self.initializers.append(numpy_helper.from_array(array, name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs):
-        names = ([self.fresh(op_type.lower()) for _ in range(outputs)]
-                 if isinstance(outputs, int) else outputs)
-        self.nodes.append(helper.make_node(op_type, inputs, names, **attrs))
-        return names[0] if len(names) == 1 else names
 
 
 def _gate_order(layer: RecurrentLayer) -> list[int]:
@@ -71,7 +42,7 @@ def _by_gate(layer: RecurrentLayer, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(len(order), layer.hidden_size, -1)[order].reshape(tensor.shape)
 
 
-def _cell_body(g: _Builder, layer: RecurrentLayer, projected: str, w_hh_t: str,
+def _cell_body(g: GraphBuilder, layer: RecurrentLayer, projected: str, w_hh_t: str,
                bias_hh: str | None) -> onnx.GraphProto:
     """One step: the new state from x_t = projected[t] and the previous state.
 
@@ -126,30 +97,7 @@ def _cell_body(g: _Builder, layer: RecurrentLayer, projected: str, w_hh_t: str,
         initializer=b.initializers)
 
 
-class Dims:
-    """Run-time sizes the graph derives once from its inputs: the batch ([1] and scalar),
-    the number of steps (a scalar, the Loops' trip count), [T, B], the row numbers [B],
-    and for picking each row's final state, its last step [B], the (step, row) index of it
-    [B, 2] and whether it has any step [B, 1]."""
-
-    def __init__(self, g: _Builder, tokens_tm: str, lengths: str):
-        one = g.const([1], dtype=np.int64)
-        self.lengths = lengths
-        self.time_batch = g.op("Shape", [tokens_tm])
-        self.steps = g.op("Gather", [self.time_batch, g.const(0, dtype=np.int64)], axis=0)
-        self.batch_size = g.op("Gather", [self.time_batch, g.const(1, dtype=np.int64)],
-                               axis=0)  # scalar
-        self.batch = g.op("Unsqueeze", [self.batch_size, g.const([0], dtype=np.int64)])
-        self.rows = g.op("Range", [g.const(0, dtype=np.int64), self.batch_size,
-                                   g.const(1, dtype=np.int64)])
-        self.last = g.op("Sub", [lengths, one])  # [B]
-        self.last_step = g.op("Concat", [g.op("Unsqueeze", [self.last, one]),
-                                         g.op("Unsqueeze", [self.rows, one])], axis=1)
-        self.nonempty = g.op("Unsqueeze", [g.op("Greater", [lengths,
-                                                            g.const(0, dtype=np.int64)]), one])
-
-
-def _recurrence(g: _Builder, layer: RecurrentLayer, projected: str, dims: Dims,
+def _recurrence(g: GraphBuilder, layer: RecurrentLayer, projected: str, dims: Dims,
                 state: str) -> tuple[str, str]:
     """A Loop over T steps of `projected` [T,B,G*H] from `state` [B,S].
     Returns (each row's state at its length [B,S], outputs [T,B,H])."""
@@ -171,7 +119,7 @@ def _recurrence(g: _Builder, layer: RecurrentLayer, projected: str, dims: Dims,
     return g.op("Where", [dims.nonempty, final, state]), outputs
 
 
-def _stack(g: _Builder, stack: RecurrentStack, x: str, dims: Dims,
+def _stack(g: GraphBuilder, stack: RecurrentStack, x: str, dims: Dims,
            state: str | None) -> tuple[str, list[str], list[str]]:
     """Runs the stack on x [T,B,D]. Returns (outputs [T,B,F], forward finals, backward finals)."""
     forward_finals, backward_finals = [], []
@@ -205,12 +153,12 @@ def _stack(g: _Builder, stack: RecurrentStack, x: str, dims: Dims,
     return x, forward_finals, backward_finals
 
 
-def _stacked_state(g: _Builder, finals: list[str], name: str) -> str:
+def _stacked_state(g: GraphBuilder, finals: list[str], name: str) -> str:
     axis0 = g.const([0], dtype=np.int64)
     return g.op("Concat", [g.op("Unsqueeze", [f, axis0]) for f in finals], [name], axis=0)
 
 
-def _affine(g: _Builder, x: str, weight: torch.Tensor, bias: torch.Tensor,
+def _affine(g: GraphBuilder, x: str, weight: torch.Tensor, bias: torch.Tensor,
             dims: Dims | None = None) -> str:
     """x @ weight.T + bias. A [T,B,D] input runs as one [T*B,D] Gemm: the bias is added
     inside the product instead of as a second pass over a [T,B,N] tensor (ONNX Runtime
@@ -229,7 +177,7 @@ def _affine(g: _Builder, x: str, weight: torch.Tensor, bias: torch.Tensor,
     return out
 
 
-def _linear(g: _Builder, x: str, linear: torch.nn.Linear, dims: Dims | None = None) -> str:
+def _linear(g: GraphBuilder, x: str, linear: torch.nn.Linear, dims: Dims | None = None) -> str:
     return _affine(g, x, linear.weight, linear.bias, dims)
 
 
@@ -241,7 +189,7 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
     model = model.eval()
     stack: RecurrentStack = model.stack
     layers, state_size = stack.num_layers, stack.state_size
-    g = _Builder()
+    g = GraphBuilder()
     inputs = [helper.make_tensor_value_info("tokens", INT64, ["batch", "time"]),
               helper.make_tensor_value_info("lengths", INT64, ["batch"])]
     incremental = not stack.bidirectional
@@ -285,7 +233,7 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
     return onnx_model
 
 
-def _pool(g: _Builder, model: RecurrentClassifier, out: str, forward_finals: list[str],
+def _pool(g: GraphBuilder, model: RecurrentClassifier, out: str, forward_finals: list[str],
           backward_finals: list[str], steps: str) -> str:
     hidden = model.stack.hidden_size
     axis1 = g.const([1], dtype=np.int64)

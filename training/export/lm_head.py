@@ -13,21 +13,18 @@ H = 256 a tenth of its time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 
-if TYPE_CHECKING:
-    from training.export.graph import Dims, _Builder
+from training.export.builder import Dims, GraphBuilder
 
 HEAD_ROWS = 512  # positions per chunk: [512, V] logits stay in cache
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 
 
-def lm_head(g: _Builder, output: torch.nn.Linear, out: str, dims: Dims) -> None:
+def lm_head(g: GraphBuilder, output: torch.nn.Linear, out: str, dims: Dims) -> None:
     """Adds the nodes that compute the graph outputs `token_logprobs` and `next_logprobs`."""
     vocab, hidden = output.weight.shape
     weight_t, bias = g.const(output.weight.t()), g.const(output.bias)
@@ -48,7 +45,7 @@ def _outputs(token_logprobs: str, next_logprobs: str, vocab: int) -> list:
             helper.make_tensor_value_info(next_logprobs, FLOAT, ["batch", vocab])]
 
 
-def _whole(b: _Builder, out: str, targets: str, weight_t: str, bias: str, dims: Dims,
+def _whole(b: GraphBuilder, out: str, targets: str, weight_t: str, bias: str, dims: Dims,
            vocab: int, hidden: int) -> onnx.GraphProto:
     """Every position in one Gemm and one LogSoftmax."""
     logprobs = _logprobs(b, out, weight_t, bias, hidden)  # [T*B, V]
@@ -63,7 +60,7 @@ def _whole(b: _Builder, out: str, targets: str, weight_t: str, bias: str, dims: 
                              initializer=b.initializers)
 
 
-def _chunked(b: _Builder, out: str, targets: str, weight_t: str, bias: str, dims: Dims,
+def _chunked(b: GraphBuilder, out: str, targets: str, weight_t: str, bias: str, dims: Dims,
              vocab: int, hidden: int, chunk: str) -> onnx.GraphProto:
     """A Loop over chunks of `chunk` steps, T padded to whole chunks; each row's next-token
     distribution is kept from the chunk that holds its last step."""
@@ -116,13 +113,13 @@ def _chunked(b: _Builder, out: str, targets: str, weight_t: str, bias: str, dims
                              initializer=b.initializers)
 
 
-def _logprobs(b: _Builder, positions: str, weight_t: str, bias: str, hidden: int) -> str:
+def _logprobs(b: GraphBuilder, positions: str, weight_t: str, bias: str, hidden: int) -> str:
     """[t, B, H] -> log-probabilities [t*B, V]."""
     rows = b.op("Reshape", [positions, b.const([-1, hidden], dtype=np.int64)])
     return b.op("LogSoftmax", [b.op("Gemm", [rows, weight_t, bias])], axis=1)
 
 
-def _pick(b: _Builder, logprobs: str, targets: str) -> str:
+def _pick(b: GraphBuilder, logprobs: str, targets: str) -> str:
     """logprobs [t*B, V] at targets [t, B] -> [t*B]."""
     wanted = b.op("Reshape", [targets, b.const([-1, 1], dtype=np.int64)])
     return b.op("Reshape", [b.op("GatherElements", [logprobs, wanted], axis=1),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from serving.runtime import ModelRuntime
+from serving.model.runtime import ModelRuntime
 from training.models.language_model import RecurrentLM
 
 # (batch, time): single steps, short and long sequences, small and large batches

@@ -1,0 +1,64 @@
+"""What the benchmark scripts share: where results go, a median timer, a language-model
+artifact with random weights."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def save_results(name: str, report: dict) -> Path:
+    """Writes bench/results/NAME.json, prints it (what a CI or device log keeps) and
+    regenerates the report from all results."""
+    from bench.report import write_report
+
+    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=name == "train") + "\n")
+    print(json.dumps(report, indent=2))
+    write_report()
+    return path
+
+
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def lm_artifact(model, out: Path, verify: bool = False) -> Path:
+    """`model` (a RecurrentLM) exported to the artifact directory `out` (REPO/NAME/VERSION)
+    with a vocabulary of placeholder words, through the export's own graph builder; with
+    `verify`, checked against torch as `recur export` does."""
+    import onnx
+
+    from serving.model.artifact import write_artifact
+    from serving.model.runtime import ModelRuntime
+    from serving.model.tokenizer import EOS, UNK, Normalization, Vocabulary
+    from training.export import model_metadata
+    from training.export.graph import build_graph
+    from training.export.verify import verify as verify_export
+
+    size = model.embedding.weight.shape[0]
+    vocab = Vocabulary([UNK, EOS] + [f"w{i}" for i in range(size - 2)], Normalization())
+    graph = build_graph(model, name=out.parent.name)
+    onnx.checker.check_model(graph, full_check=True)
+    metadata = {**model_metadata(model, graph), "task": "lm", "vocab_size": size,
+                "num_labels": None, "special_tokens": {"eos": 1, "unk": 0, "pad": None}}
+    check = (lambda staging: verify_export(model, ModelRuntime(staging))) if verify else None
+    return write_artifact(out, graph.SerializeToString(), vocab, None, metadata, check)

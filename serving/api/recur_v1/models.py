@@ -1,0 +1,27 @@
+"""recur.v1.Models: what this server serves, and on which device."""
+
+from __future__ import annotations
+
+from serving.api.rpc.handlers import rpc
+from serving.engine.engine import Engine
+from serving.proto_gen.recur.v1 import recur_pb2 as pb
+from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
+
+
+class ModelsService(pb_grpc.ModelsServicer):
+    def __init__(self, engine: Engine):
+        self.engine, self.metrics = engine, engine.metrics
+
+    @rpc("Models")
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        response = pb.ListModelsResponse()
+        for model in self.engine.models():
+            meta, runtime = model.runtime.artifact.metadata, model.runtime
+            response.models.add(
+                name=model.name, version=model.version, latest=model.latest, task=model.task,
+                cell=meta["cell"], layers=meta["layers"], hidden_size=meta["hidden_size"],
+                bidirectional=meta["bidirectional"], vocab_size=len(runtime.vocab),
+                labels=runtime.labels.names if runtime.labels else [], ready=True,
+                device=runtime.device, providers=runtime.providers,
+                incremental=model.sessions_allowed is None)
+        return response

@@ -1,0 +1,91 @@
+"""The wrapper every gRPC method of the adapters runs in, and request streams that end
+when the server shuts down.
+
+`rpc` turns an engine error into its status (with details), counts the request and its
+latency, and turns anything unexpected into INTERNAL with a message (logged with its
+traceback) rather than a bare UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from serving.api.rpc.status import code_of, to_status
+from serving.engine.errors import EngineError, shutting_down
+from serving.engine.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def rpc(service: str):
+    """For methods of servicers that hold the server's Metrics as `self.metrics`."""
+
+    def wrap(method):
+        name = method.__name__
+
+        @functools.wraps(method)
+        async def handler(self, request, context: grpc.aio.ServicerContext):
+            metrics: Metrics = self.metrics
+            started, code = time.perf_counter(), "OK"
+            try:
+                return await method(self, request, context)
+            except EngineError as error:
+                code = code_of(error).name
+                await context.abort_with_status(to_status(error))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = (context.code() or grpc.StatusCode.UNKNOWN).name
+                raise
+            except Exception as error:
+                code = "INTERNAL"
+                log.exception("%s.%s failed", service, name)
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"{service}.{name}: {type(error).__name__}: {error}")
+            finally:
+                metrics.requests.labels(service, name, code).inc()
+                metrics.request_seconds.labels(service, name).observe(
+                    time.perf_counter() - started)
+
+        return handler
+
+    return wrap
+
+
+async def until_closing(messages: AsyncIterator, closing: asyncio.Event) -> AsyncIterator:
+    """A request stream that ends with UNAVAILABLE when the server's grace period runs out,
+    so that a client sees why its stream closed. Its pending read never outlives it: a
+    read left waiting when the stream is abandoned is cancelled, and its outcome taken."""
+    iterator = messages.__aiter__()
+    closed = asyncio.ensure_future(closing.wait())
+    following: asyncio.Future | None = None
+    try:
+        while True:
+            following = asyncio.ensure_future(iterator.__anext__())
+            await asyncio.wait({following, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                raise shutting_down()
+            try:
+                message = following.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                following = None
+            yield message
+    finally:
+        closed.cancel()
+        if following is not None:
+            following.cancel()
+            following.add_done_callback(_outcome_taken)
+
+
+def _outcome_taken(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,101 @@
+"""The engine's settings: the model repository, devices, batching, sessions and request
+limits, each with the sentence `recur serve --help` shows.
+
+The server's own settings (ports, TLS, drain) extend these in serving/config.py, where
+every field also becomes a flag, an environment variable and a TOML key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.engine.repository import VersionPolicy
+
+
+def setting(default: Any, help: str, group: str) -> Any:
+    """A config field with its help text and the --help group it is listed under."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+MODELS, BATCHING, SESSIONS, LIMITS = "models", "batching", "sessions", "request limits"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_repository: str = setting(
+        "models", "Folder of NAME/VERSION/ model artifacts to serve.", MODELS)
+    repository_poll_s: float = setting(
+        0.0, "How often (seconds) to look for versions added to or removed from the "
+        "repository while serving; 0: only at start.", MODELS)
+    version_policy: str = setting(
+        "latest:1", "Which versions of each model are served, as in Triton: 'latest:N' (the "
+        "N highest), 'all', or 'specific:V1,V2'. Versions that leave the policy are unloaded "
+        "once their requests finish.", MODELS)
+    device: str = setting("cpu", "Where models run: cpu or cuda[:N].", MODELS)
+    allow_cpu_fallback: bool = setting(
+        False, "Serve on the CPU when CUDA was asked for but cannot be used (logged), instead "
+        "of refusing to start.", MODELS)
+    threads: int = setting(
+        0, "ONNX Runtime intra-op threads per model; 0: ONNX Runtime's default.", MODELS)
+    spin_threads: bool = setting(
+        False, "Let idle ONNX Runtime threads spin between calls. Off by default: in a server "
+        "the event loop's own work runs between calls, and spinning threads take its cores.",
+        MODELS)
+    max_batch_size: int = setting(
+        64, "Most sequences in one ONNX Runtime call.", BATCHING)
+    max_queue_delay_ms: float = setting(
+        0.0, "How long a batch may wait to fill; 0: run whatever is pending at once.", BATCHING)
+    token_budget: int = setting(
+        16384, "Most batch rows x padded length in one ONNX Runtime call.", BATCHING)
+    max_queue: int = setting(
+        4096, "Most sequence steps pending per model; beyond it requests are refused with "
+        "RESOURCE_EXHAUSTED and a retry delay.", BATCHING)
+    chunk_tokens: int = setting(
+        256, "Long inputs run in chunks of this many tokens, the state carried between them, "
+        "so one request's share of a batch stays bounded.", BATCHING)
+    max_inline_step_ms: float = setting(
+        5.0, "A lone one-token step that has been measured to take less than this runs on "
+        "the event loop's thread, saving two thread hops; everything else runs on the "
+        "model's worker thread, so the loop keeps answering. 0: always the worker.", BATCHING)
+    session_ttl_s: float = setting(
+        600.0, "Sessions idle this long (seconds) expire.", SESSIONS)
+    state_token_keys: str = setting(
+        "", "File of HMAC keys, one per line, the first signing (a Kubernetes Secret mounted "
+        "as a file): session responses then carry a state_token from which any replica "
+        "holding the key resumes the session. Empty: no state tokens.", SESSIONS)
+    state_token_ttl_s: float = setting(
+        86400.0, "How long (seconds) a state token can be resumed from.", SESSIONS)
+    max_sessions: int = setting(
+        10000, "Most sessions held; beyond it the least recently used are evicted.", SESSIONS)
+    max_session_bytes: int = setting(
+        1 << 30, "Most bytes of states and next-token distributions held by all sessions; "
+        "beyond it the least recently used are evicted.", SESSIONS)
+    max_sequences_per_request: int = setting(
+        1024, "Most sequences (texts or token-id lists) in one request.", LIMITS)
+    max_tokens_per_sequence: int = setting(
+        20000, "Most tokens in one sequence of a request.", LIMITS)
+    max_completion_tokens: int = setting(
+        1024, "Most tokens a completion may ask for (max_tokens).", LIMITS)
+    default_completion_tokens: int = setting(
+        32, "Tokens a completion generates when it does not say (max_tokens = 0).", LIMITS)
+    max_samples: int = setting(
+        64, "Most samples one completion may ask for (n).", LIMITS)
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch_size", "token_budget", "max_queue", "chunk_tokens",
+                    "max_sessions", "max_session_bytes", "max_sequences_per_request",
+                    "max_tokens_per_sequence", "max_completion_tokens",
+                    "default_completion_tokens", "max_samples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("session_ttl_s", "max_queue_delay_ms", "threads", "state_token_ttl_s",
+                     "repository_poll_s", "max_inline_step_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_sequences_per_request > self.max_queue:
+            raise ValueError("max_sequences_per_request must not exceed max_queue")
+        if self.default_completion_tokens > self.max_completion_tokens:
+            raise ValueError("default_completion_tokens must not exceed max_completion_tokens")
+        VersionPolicy.parse(self.version_policy)  # raises ValueError naming the problem

@@ -1,0 +1,176 @@
+"""Completions: the decoding loop, its samples and stop conditions, and the stream of events
+it produces.
+
+The loop runs as a task of its own and hands its events to a bounded queue that the
+caller reads. It never waits for the caller to deliver an event (a protocol's write, whose
+completions come back at staggered times): the streams would then submit their next steps
+at staggered times too, and the shared batches would split into small ones. A caller that
+reads slowly holds back only its own completion, by at most WRITE_AHEAD events a sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.engine.errors import shutting_down
+from serving.engine.metrics import Metrics
+from serving.engine.repository import LoadedModel
+from serving.model.sampler import SamplingParams, sample_next
+
+WRITE_AHEAD = 64
+EOS, LENGTH, STOP = "eos", "length", "stop"  # why a sample finished
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """A sample's next token."""
+
+    index: int
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class FinishEvent:
+    """A sample's end: why (EOS, LENGTH or STOP) and its whole text (cut before a stop
+    string that ended it)."""
+
+    index: int
+    reason: str
+    text: str
+
+
+Event = TokenEvent | FinishEvent
+
+
+@dataclass(frozen=True)
+class CompletionParams:
+    sampling: SamplingParams
+    max_tokens: int
+    samples: int
+    seed: int
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+class Sample:
+    """One sample of a completion: its generator, its state and the token drawn next."""
+
+    def __init__(self, index: int, rng: np.random.Generator, state: np.ndarray,
+                 next_logprobs: np.ndarray, params: SamplingParams):
+        self.index, self.rng, self.state = index, rng, state
+        self.token = sample_next(next_logprobs, params, rng)
+        self.logprob = float(next_logprobs[self.token])
+        self.ids: list[int] = []
+        self.text: str | None = None  # set when a stop string cut the text
+
+
+class Stops:
+    def __init__(self, token_ids: frozenset[int], strings: tuple[str, ...]):
+        self.token_ids, self.strings = token_ids, strings
+
+    def check(self, sample: Sample, token: int, vocab) -> str | None:
+        """The finish reason if `token` ends the sample (it is then not emitted)."""
+        if token == vocab.eos_id:
+            return EOS
+        if token in self.token_ids:
+            return STOP
+        if self.strings:
+            text = vocab.decode(sample.ids + [token])
+            cuts = [text.find(s) for s in self.strings if s in text]
+            if cuts:
+                sample.text = text[: min(cuts)]
+                return STOP
+        return None
+
+
+class CompletionStream:
+    """The events of one completion, in order, as an async iterator. An error of the
+    decoding loop (the server shutting down, a failed batch) is raised after the events
+    produced before it. `cancel` stops the loop: its pending steps are dropped."""
+
+    _END = object()
+
+    def __init__(self, produce: Callable[[Callable[[Event], Awaitable[None]]], Awaitable[None]],
+                 limit: int):
+        self._queue: asyncio.Queue = asyncio.Queue()  # bounded by _room, so _END always fits
+        self._room = asyncio.Semaphore(limit)
+        self._task = asyncio.ensure_future(produce(self._emit))
+        self._task.add_done_callback(lambda _: self._queue.put_nowait(self._END))
+
+    async def _emit(self, event: Event) -> None:
+        await self._room.acquire()
+        self._queue.put_nowait(event)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        item = await self._queue.get()
+        if item is self._END:
+            self._queue.put_nowait(self._END)  # every later call ends too
+            if not self._task.cancelled() and self._task.exception() is not None:
+                raise self._task.exception()
+            raise StopAsyncIteration
+        self._room.release()
+        return item
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """`callback()` once the decoding loop has ended, however it ended."""
+        self._task.add_done_callback(lambda _: callback())
+
+
+async def decode(model: LoadedModel, params: CompletionParams, active: list[Sample],
+                 emit: Callable[[Event], Awaitable[None]], metrics: Metrics,
+                 closing: asyncio.Event, started: float) -> None:
+    """The decoding loop: emit each sample's drawn token, submit its next step, wait for
+    the batch that runs the steps and draws the next tokens."""
+    vocab = model.vocab
+    stops = Stops(params.stop_token_ids, params.stop)
+    sampler = params.sampling
+    first = True
+    while active:
+        if closing.is_set():
+            raise shutting_down()  # what was generated is delivered before the error
+        events, steps = [], []
+        for sample in active:
+            token, logprob = sample.token, sample.logprob
+            reason = stops.check(sample, token, vocab)
+            if reason is None:
+                sample.ids.append(token)
+                events.append(TokenEvent(sample.index, token, vocab.tokens[token], logprob))
+                if len(sample.ids) >= params.max_tokens:
+                    reason = LENGTH
+            if reason is None:
+                future = model.scheduler.submit(np.array([token], np.int64), sample.state,
+                                                np.zeros(1, np.int64), (sampler, sample.rng))
+                steps.append((sample, future))
+            else:
+                text = vocab.decode(sample.ids) if sample.text is None else sample.text
+                events.append(FinishEvent(sample.index, reason, text))
+        generated = sum(1 for e in events if isinstance(e, TokenEvent))
+        metrics.tokens.labels(model.label, "generated").inc(generated)
+        for event in events:
+            await emit(event)
+            if first:
+                metrics.first_token.labels(model.label).observe(time.perf_counter() - started)
+                first = False
+        active = []
+        try:
+            for sample, future in steps:
+                result = await future
+                sample.state, sample.token = result.state, result.token
+                sample.logprob = result.token_logprob
+                active.append(sample)
+        finally:  # cancelled or failed: the other samples' steps need not run
+            for _, future in steps:
+                future.cancel()

@@ -1,0 +1,397 @@
+"""The engine: every operation the server offers, protocol-free.
+
+Adapters (serving/api/) turn their protocol's requests into these calls and the results
+back into their messages. Arguments are plain values (Input for text or token ids, ints,
+floats, strings); results are the plain values of serving/engine/results.py, or an async
+iterator of events for a completion. Errors are the exceptions of
+serving/engine/errors.py, which each adapter maps to its protocol's statuses.
+
+Beneath: operations.py turns a request into steps (token ids and states), the model's
+Scheduler (scheduler.py) batches the steps of all requests into ONNX Runtime calls of the
+model's ModelRuntime (serving/model/runtime.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Sequence
+
+import numpy as np
+
+from serving.engine import operations
+from serving.engine.config import EngineConfig
+from serving.engine.decoding import (
+    WRITE_AHEAD,
+    CompletionParams,
+    CompletionStream,
+    Sample,
+    decode,
+)
+from serving.engine.errors import FailedPrecondition, InvalidArgument, LimitExceeded, NotFound
+from serving.engine.inputs import Encoded, Input, encode, encode_all
+from serving.engine.metrics import Metrics
+from serving.engine.repository import LoadedModel, ModelRepository, VersionPolicy
+from serving.engine.results import (
+    Classified,
+    ModelId,
+    Scored,
+    SessionStep,
+    Tagged,
+    tagged,
+)
+from serving.engine.scheduler import BatchLimits
+from serving.engine.sessions import Session, SessionStore
+from serving.engine.state_tokens import Snapshot, StateTokenKeys, TokenRejected
+from serving.model.sampler import SamplingParams, make_rng
+
+TOKEN_KINDS = {"lm": "scored", "tag": "tagged", "classify": "classified"}
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        limits = BatchLimits(config.max_batch_size, config.max_queue_delay_ms / 1000,
+                             config.token_budget, config.max_queue,
+                             config.max_inline_step_ms / 1000)
+        self.token_keys = (StateTokenKeys.from_file(config.state_token_keys,
+                                                    config.state_token_ttl_s)
+                           if config.state_token_keys else None)
+        self.repository = ModelRepository(config.model_repository, config.device,
+                                          config.threads, config.allow_cpu_fallback, limits,
+                                          self.metrics, config.spin_threads,
+                                          VersionPolicy.parse(config.version_policy))
+        self.sessions = SessionStore(config.session_ttl_s, config.max_sessions,
+                                     config.max_session_bytes, self.metrics)
+        self.repository.on_unload = self.sessions.remove_model
+        self.closing = asyncio.Event()  # set when open streams must end
+        self._background: list[asyncio.Task] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the schedulers, session expiry and repository polling (in the loop)."""
+        self.repository.start()
+        self._background.append(asyncio.ensure_future(self.sessions.expire_forever()))
+        if self.config.repository_poll_s > 0:
+            self._background.append(asyncio.ensure_future(
+                self.repository.refresh_forever(self.config.repository_poll_s)))
+
+    async def close(self) -> None:
+        self.closing.set()
+        for task in self._background:
+            task.cancel()
+        await self.repository.close()
+
+    # -- models ---------------------------------------------------------------------------
+    def model(self, name: str, version: int = 0, task: str | None = None,
+              name_field: str = "model.name",
+              version_field: str = "model.version") -> LoadedModel:
+        """The model a request names (version 0: the highest served); errors name the
+        request's own fields."""
+        return self.repository.get(name, version, task, name_field=name_field,
+                                   version_field=version_field)
+
+    def models(self) -> list[LoadedModel]:
+        return self.repository.all()
+
+    # -- scoring --------------------------------------------------------------------------
+    def prepare_scores(self, model: LoadedModel, inputs: Sequence[Input], add_eos: bool = True,
+                       field: str = "inputs") -> list[Encoded]:
+        """Checks and tokenizes a scoring request. With add_eos an empty text is a sentence
+        too: only its `<eos>` is scored."""
+        return encode_all(inputs, model.vocab, field, self.config.max_sequences_per_request,
+                          self.config.max_tokens_per_sequence, allow_empty=add_eos)
+
+    async def wait_for_room(self, model: LoadedModel, count: int) -> None:
+        """For streams: waits (instead of refusing) until the model's queue has room."""
+        await model.scheduler.wait_for_room(count)
+
+    async def score_prepared(self, model: LoadedModel, encoded: Sequence[Encoded],
+                             add_eos: bool = True) -> list[Scored]:
+        with model.in_use():
+            return await _gather(*(self._score_one(model, e, add_eos) for e in encoded))
+
+    async def score(self, model: LoadedModel, inputs: Sequence[Input], add_eos: bool = True,
+                    field: str = "inputs") -> list[Scored]:
+        """Each input's per-token log-probs under the scoring convention (read from the
+        state after `<eos>`; with add_eos its final `<eos>` is scored too)."""
+        encoded = self.prepare_scores(model, inputs, add_eos, field)
+        model.scheduler.reserve(len(encoded))
+        return await self.score_prepared(model, encoded, add_eos)
+
+    async def _score_one(self, model: LoadedModel, encoded: Encoded, add_eos: bool) -> Scored:
+        vocab = model.vocab
+        ids, words = encoded.ids, list(encoded.words)
+        if add_eos:
+            ids, words = np.append(ids, vocab.eos_id), words + [vocab.tokens[vocab.eos_id]]
+        logprobs = (await operations.score(model, ids, self.config.chunk_tokens)).tolist()
+        self.metrics.tokens.labels(model.label, "scored").inc(len(ids))
+        return Scored(ids.tolist(), words, logprobs, encoded.unknown, math.fsum(logprobs))
+
+    # -- tagging and classification -------------------------------------------------------
+    async def tag(self, model: LoadedModel, inputs: Sequence[Input],
+                  field: str = "inputs") -> list[Tagged]:
+        labels = model.runtime.labels.names
+        return [tagged(e.words, logprobs, labels)
+                for e, logprobs in await self._encode_texts(model, "tag", inputs, field)]
+
+    async def classify(self, model: LoadedModel, inputs: Sequence[Input],
+                       field: str = "inputs") -> list[Classified]:
+        labels = model.runtime.labels.names
+        return [Classified(labels, logprobs)
+                for _, logprobs in await self._encode_texts(model, "classify", inputs, field)]
+
+    async def _encode_texts(self, model: LoadedModel, task: str, inputs: Sequence[Input],
+                            field: str) -> list[tuple[Encoded, np.ndarray]]:
+        if model.task != task:
+            model = self.model(model.name, model.version, task)  # raises, naming the task
+        config = self.config
+        encoded = encode_all(inputs, model.vocab, field, config.max_sequences_per_request,
+                             config.max_tokens_per_sequence)
+        model.scheduler.reserve(len(encoded))
+        with model.in_use():
+            results = await _gather(*(operations.run_chunks(
+                model, e.ids, model.initial_state(), None, config.chunk_tokens)
+                for e in encoded))
+        self.metrics.tokens.labels(model.label, TOKEN_KINDS[task]).inc(
+            sum(len(e.ids) for e in encoded))
+        return [(e, r.outputs) for e, r in zip(encoded, results, strict=True)]
+
+    # -- completion -----------------------------------------------------------------------
+    async def complete(self, model: LoadedModel, prompt: Input | None, *, max_tokens: int = 0,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       n: int = 0, seed: int | None = None, stop: Sequence[str] = (),
+                       stop_token_ids: Sequence[int] = ()) -> CompletionStream:
+        """Streamed samples of continuations of `prompt` (None or empty: a new sentence).
+        max_tokens 0 means the server's default, n 0 means one sample, temperature 0 is
+        greedy, top_k 0 and top_p 1 are no limit; without a seed one is drawn. Everything
+        is checked, and the prompt read, before the stream is returned."""
+        started = time.perf_counter()
+        if model.task != "lm":
+            model = self.model(model.name, model.version, "lm")
+        params = self._completion_params(model, max_tokens, temperature, top_k, top_p, n,
+                                         seed, stop, stop_token_ids)
+        ids = encode(prompt, model.vocab, self.config.max_tokens_per_sequence,
+                     allow_empty=True).ids
+        model.acquire()
+        try:
+            start = await operations.read_prompt(model, ids, self.config.chunk_tokens)
+        except BaseException:
+            model.release()
+            raise
+        self.metrics.tokens.labels(model.label, "prompt").inc(len(ids))
+        active = [Sample(i, make_rng(params.seed, i), start.state, start.next_logprobs,
+                         params.sampling) for i in range(params.samples)]
+
+        def produce(emit) -> Awaitable[None]:
+            return decode(model, params, active, emit, self.metrics, self.closing, started)
+
+        stream = CompletionStream(produce, WRITE_AHEAD * params.samples)
+        stream.add_done_callback(model.release)
+        return stream
+
+    def _completion_params(self, model: LoadedModel, max_tokens: int, temperature: float,
+                           top_k: int, top_p: float, n: int, seed: int | None,
+                           stop: Sequence[str], stop_token_ids: Sequence[int]
+                           ) -> CompletionParams:
+        config, vocab = self.config, model.vocab
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument("temperature", f"must be >= 0 (0 is greedy), got "
+                                  f"{temperature}")
+        if top_k < 0:
+            raise InvalidArgument("top_k", f"must be >= 0 (0 is no limit), got {top_k}")
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
+        if max_tokens < 0:
+            raise InvalidArgument("max_tokens", f"must be >= 0, got {max_tokens}")
+        max_tokens = max_tokens or config.default_completion_tokens
+        if max_tokens > config.max_completion_tokens:
+            raise LimitExceeded("max_completion_tokens", max_tokens,
+                                config.max_completion_tokens, "max_tokens")
+        if n < 0:
+            raise InvalidArgument("n", f"must be >= 0, got {n}")
+        samples = n or 1
+        if samples > config.max_samples:
+            raise LimitExceeded("max_samples", samples, config.max_samples, "n")
+        for i, token in enumerate(stop_token_ids):
+            if not 0 <= token < len(vocab):
+                raise InvalidArgument(f"stop_token_ids[{i}]", f"token id {token} is out of "
+                                      f"range [0, {len(vocab)})")
+        if any(not s for s in stop):
+            raise InvalidArgument("stop", "stop strings must not be empty")
+        return CompletionParams(
+            SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), max_tokens,
+            samples, secrets.randbits(63) if seed is None else seed, tuple(stop),
+            frozenset(stop_token_ids))
+
+    # -- sessions -------------------------------------------------------------------------
+    async def create_session(self, model: LoadedModel, prefix: Input | None = None,
+                             top_k: int = 0) -> SessionStep:
+        """A session on `model` after reading `prefix` (optional)."""
+        if (why_not := model.sessions_allowed) is not None:
+            raise InvalidArgument("model", why_not)
+        self._check_top_k(top_k, model)
+        encoded = encode(prefix, model.vocab, self.config.max_tokens_per_sequence,
+                         allow_empty=True)
+        with model.in_use():
+            if model.task == "lm":
+                state, next_logprobs = model.start_state, model.start_logprobs
+                resume_state, last_token = model.initial_state(), model.vocab.eos_id
+            else:
+                state, next_logprobs = model.initial_state(), None
+                resume_state, last_token = state, -1
+            if self.token_keys is None:  # no state tokens: nothing to keep for them
+                resume_state, last_token = None, -1
+            session = self.sessions.create(model, state, next_logprobs, resume_state,
+                                           last_token)
+            try:
+                return await self._append(session, encoded, top_k)
+            except BaseException:
+                if session.id in self.sessions:
+                    self.sessions.close(session.id)
+                raise
+
+    async def append(self, session_id: str, item: Input | None, top_k: int = 0,
+                     state_token: bytes = b"", allow_empty: bool = False,
+                     field: str = "input") -> SessionStep:
+        """Reads `item` into the session: held here, or resumed from its state token.
+        `allow_empty`: no input (or an empty one) reads nothing and answers where the
+        session is."""
+        session = await self._find_session(session_id, state_token)
+        model = session.model
+        self._check_top_k(top_k, model)
+        encoded = encode(item, model.vocab, self.config.max_tokens_per_sequence,
+                         allow_empty=allow_empty, field=field)
+        with model.in_use():
+            return await self._append(session, encoded, top_k)
+
+    def close_session(self, session_id: str) -> None:
+        self.sessions.close(session_id)
+
+    def session_model(self, session_id: str) -> LoadedModel:
+        """The model a held session runs on (NotFound saying why it is not held)."""
+        return self.sessions.get(session_id).model
+
+    async def _find_session(self, session_id: str, token: bytes) -> Session:
+        if not token:
+            return self.sessions.get(session_id)
+        snapshot = self._open(token)
+        if session_id and session_id != snapshot.session_id:
+            raise InvalidArgument("state_token", f"is for session {snapshot.session_id!r}, "
+                                  f"not {session_id!r}")
+        held = self.sessions.peek(snapshot.session_id)
+        if held is not None and held.position == snapshot.position and (
+                held.model.name, held.model.version) == (snapshot.model, snapshot.version):
+            return self.sessions.get(snapshot.session_id)
+        return await self._resume(snapshot)
+
+    def _open(self, token: bytes) -> Snapshot:
+        if self.token_keys is None:
+            raise FailedPrecondition("state_token", "this server has no state token keys "
+                                     "(--state-token-keys), so it cannot resume sessions",
+                                     "STATE_TOKENS_DISABLED")
+        try:
+            return self.token_keys.open(token)
+        except TokenRejected as rejected:
+            if rejected.precondition:
+                raise FailedPrecondition("state_token", str(rejected),
+                                         "STATE_TOKEN_UNUSABLE") from None
+            raise InvalidArgument("state_token", str(rejected)) from None
+
+    async def _resume(self, snapshot: Snapshot) -> Session:
+        try:
+            model = self.repository.get(snapshot.model, snapshot.version)
+        except (InvalidArgument, NotFound):
+            raise FailedPrecondition(
+                "state_token", f"is for model {snapshot.model}/{snapshot.version}, which this "
+                f"server does not serve", "STATE_TOKEN_UNUSABLE") from None
+        if (why_not := model.sessions_allowed) is not None:
+            raise FailedPrecondition("state_token", why_not, "STATE_TOKEN_UNUSABLE")
+        expected = model.runtime.artifact.state_shape
+        if snapshot.state.shape != tuple(expected) or (
+                model.task == "lm") != (snapshot.last_token >= 0):
+            raise FailedPrecondition("state_token", f"holds a state of shape "
+                                     f"{snapshot.state.shape}; {model.label} has {expected}",
+                                     "STATE_TOKEN_UNUSABLE")
+        with model.in_use():
+            if model.task == "lm":
+                if snapshot.last_token >= len(model.vocab):
+                    raise FailedPrecondition("state_token", "holds a token outside the "
+                                             "vocabulary", "STATE_TOKEN_UNUSABLE")
+                step = await operations.resume(model, snapshot.state, snapshot.last_token)
+                state, next_logprobs = step.state, step.next_logprobs
+            else:
+                state, next_logprobs = snapshot.state, None
+        return self.sessions.create(model, state, next_logprobs, snapshot.state,
+                                    snapshot.last_token, snapshot.session_id,
+                                    snapshot.position)
+
+    async def _append(self, session: Session, encoded: Encoded, top_k: int) -> SessionStep:
+        model = session.model
+        async with session.lock:
+            session = self.sessions.get(session.id)  # it may have gone while waiting
+            position = session.position + len(encoded.ids)
+            result = SessionStep(session.id, ModelId(model.name, model.version), position,
+                                 encoded.unknown)
+            next_logprobs = session.next_logprobs
+            resume_state, last_token = session.resume_state, session.last_token
+            if len(encoded.ids):
+                keep = self.token_keys is not None and model.task == "lm"
+                step = await operations.advance(model, session.state, session.next_logprobs,
+                                                encoded.ids, self.config.chunk_tokens, keep)
+                if self.token_keys is None:
+                    pass  # no state tokens: nothing to keep for them
+                elif model.task == "lm":
+                    resume_state, last_token = step.previous, int(encoded.ids[-1])
+                else:
+                    resume_state = step.state
+                # (if the session was evicted meanwhile, this Append still answers)
+                self.sessions.update(session, step.state, step.next_logprobs,
+                                     len(encoded.ids), resume_state, last_token)
+                self.metrics.tokens.labels(model.label, TOKEN_KINDS[model.task]).inc(
+                    len(encoded.ids))
+                _describe(result, model, encoded, step.outputs)
+                next_logprobs = step.next_logprobs
+            if model.task == "lm":
+                tokens = model.vocab.tokens
+                result.next_tokens = [(i, tokens[i], lp)
+                                      for i, lp in operations.top_k(next_logprobs, top_k)]
+            if self.token_keys is not None and resume_state is not None:
+                result.state_token = self.token_keys.seal(Snapshot(
+                    model.name, model.version, position, resume_state, last_token,
+                    session.id))
+            return result
+
+    @staticmethod
+    def _check_top_k(top_k: int, model: LoadedModel) -> None:
+        if top_k < 0:
+            raise InvalidArgument("top_k", f"must be >= 0, got {top_k}")
+        if top_k > len(model.vocab):
+            raise InvalidArgument("top_k", f"{top_k} exceeds the vocabulary size "
+                                  f"{len(model.vocab)}")
+
+
+def _describe(result: SessionStep, model: LoadedModel, encoded: Encoded,
+              outputs: np.ndarray) -> None:
+    if model.task == "lm":
+        logprobs = outputs.tolist()
+        result.scored = Scored(encoded.ids.tolist(), list(encoded.words), logprobs,
+                               encoded.unknown, math.fsum(logprobs))
+    elif model.task == "tag":
+        result.tagged = tagged(list(encoded.words), outputs, model.runtime.labels.names)
+    else:
+        result.classified = Classified(model.runtime.labels.names, outputs)
+
+
+async def _gather(*awaitables: Awaitable) -> list:
+    """Like asyncio.gather, but the first failure cancels the rest (they would only waste
+    compute) and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(a) for a in awaitables]
+    except BaseExceptionGroup as errors:
+        raise errors.exceptions[0] from None
+    return [task.result() for task in tasks]

@@ -1,0 +1,78 @@
+"""Request inputs (text or token ids) to token ids, checked against the model and limits.
+
+An Input carries the names its request gave it (`field`, and `part` for where the text or
+ids sit inside it), so that every error about it names the request's own field whatever
+the protocol: `inputs[1].token_ids.ids[3]` from recur.v1, `prompt[0][3]` from another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.engine.errors import InvalidArgument, LimitExceeded
+from serving.model.tokenizer import Vocabulary
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """One text or one sequence of token ids (exactly one of the two)."""
+
+    text: str | None = None
+    ids: Sequence[int] | None = None
+    field: str = "input"
+    part: str = ""  # where the text or ids are inside `field`; default: `field` itself
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray  # int64 [n]
+    words: list[str]  # the input's own tokens (before mapping to <unk>)
+    unknown: int  # words mapped to <unk>
+
+
+def encode(item: Input | None, vocab: Vocabulary, max_tokens: int, allow_empty: bool = False,
+           field: str = "input") -> Encoded:
+    """`allow_empty`: an empty text or id list (or no input at all) reads as no tokens.
+    `field` names a missing input."""
+    if item is None:
+        if allow_empty:
+            return Encoded(np.zeros(0, np.int64), [], 0)
+        raise InvalidArgument(field, "required")
+    part = item.part or item.field
+    if item.text is not None:
+        words = vocab.normalization.tokenize(item.text)
+        try:
+            ids = np.array(vocab.encode_tokens(words), np.int64)
+        except KeyError as error:  # a vocabulary without <unk>, such as some char models
+            raise InvalidArgument(part, str(error.args[0])) from None
+        unknown = vocab.unknown_count(words, ids.tolist())
+        kind = "text"
+    else:
+        raw = list(item.ids or ())  # Python's min/max: faster than numpy's at this size
+        if raw and (min(raw) < 0 or max(raw) >= len(vocab)):
+            bad = next(i for i, t in enumerate(raw) if not 0 <= t < len(vocab))
+            raise InvalidArgument(f"{part}[{bad}]",
+                                  f"token id {raw[bad]} is out of range [0, {len(vocab)})")
+        ids = np.array(raw, np.int64)
+        words = [vocab.tokens[i] for i in raw]
+        unknown = 0
+        kind = "token ids"
+    if len(ids) == 0 and not allow_empty:
+        raise InvalidArgument(item.field, f"empty {kind}: nothing to read")
+    if len(ids) > max_tokens:
+        raise LimitExceeded("max_tokens_per_sequence", len(ids), max_tokens, item.field)
+    return Encoded(ids, words, unknown)
+
+
+def encode_all(items: Sequence[Input], vocab: Vocabulary, field: str, max_sequences: int,
+               max_tokens: int, allow_empty: bool = False) -> list[Encoded]:
+    """The inputs of one request (`field` names their list): at least one, at most
+    `max_sequences`, each checked as `encode` does."""
+    if len(items) == 0:
+        raise InvalidArgument(field, "at least one sequence is required")
+    if len(items) > max_sequences:
+        raise LimitExceeded("max_sequences_per_request", len(items), max_sequences, field)
+    return [encode(item, vocab, max_tokens, allow_empty) for item in items]

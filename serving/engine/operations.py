@@ -1,0 +1,100 @@
+"""What requests compute, in terms of token ids and states, through a model's scheduler.
+
+Long inputs run in chunks of `chunk_tokens` steps with the state carried, so one request's
+memory and its share of a batch stay bounded whatever its length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.engine.repository import LoadedModel
+
+
+@dataclass
+class Advance:
+    """The result of reading tokens from a state."""
+
+    state: np.ndarray  # [L, S]
+    next_logprobs: np.ndarray | None  # LM: [V] after the last token
+    outputs: np.ndarray  # LM: log-probs of the read tokens [n]; tagger [n, C]; classifier [C]
+    previous: np.ndarray | None = None  # LM, if asked: the state before the last token
+
+
+async def run_chunks(model: LoadedModel, tokens: np.ndarray, state: np.ndarray,
+                     targets: np.ndarray | None, chunk: int) -> Advance:
+    """Reads `tokens` from `state` (a bidirectional encoder: whole, from no state)."""
+    if model.task != "lm" and not model.runtime.incremental:
+        result = await model.scheduler.run(tokens, None)
+        return Advance(state, None, result.outputs)
+    pieces = []
+    next_logprobs = None
+    for start in range(0, len(tokens), chunk):
+        end = start + chunk
+        result = await model.scheduler.run(tokens[start:end], state,
+                                         None if targets is None else targets[start:end])
+        state, next_logprobs = result.state, result.next_logprobs
+        pieces.append(result.outputs)
+    outputs = pieces[-1] if model.task == "classify" else np.concatenate(pieces)
+    return Advance(state, next_logprobs, outputs)
+
+
+async def score(model: LoadedModel, ids: np.ndarray, chunk: int) -> np.ndarray:
+    """log P(ids[i] | <eos>, ids[:i]) from the initial state: the scoring convention (the
+    caller appends `<eos>` to ids to have it scored)."""
+    eos = model.runtime.vocab.eos_id
+    inputs = np.concatenate([[eos], ids[:-1]]).astype(np.int64)
+    return (await run_chunks(model, inputs, model.initial_state(), ids, chunk)).outputs
+
+
+async def read_prompt(model: LoadedModel, ids: np.ndarray, chunk: int) -> Advance:
+    """The state and next-token distribution after `<eos>` + ids. They start from the
+    model's start point (after `<eos>`, computed when it was loaded), so only the prompt's
+    own tokens run: none for an empty prompt, whose completion then needs no call before
+    its first token."""
+    state, next_logprobs = model.start_state, model.start_logprobs
+    if len(ids) == 0:
+        return Advance(state, next_logprobs, np.zeros(0, np.float32))
+    return await advance(model, state, next_logprobs, ids, chunk)
+
+
+async def advance(model: LoadedModel, state: np.ndarray, next_logprobs: np.ndarray | None,
+                  ids: np.ndarray, chunk: int, keep_previous: bool = False) -> Advance:
+    """A session step: reads only `ids` from the stored state. For a language model the
+    first token's log-prob comes from the stored next-token distribution, so the network
+    runs exactly len(ids) tokens. `keep_previous` (for state tokens) also returns the
+    state before the last token: free for one token, otherwise one more row beside this
+    step in the same batched call."""
+    if model.task != "lm":
+        return await run_chunks(model, ids, state, None, chunk)
+    targets = np.concatenate([ids[1:], [0]]).astype(np.int64)
+    previous = state
+    if keep_previous and len(ids) > 1:
+        result, before = await asyncio.gather(
+            run_chunks(model, ids, state, targets, chunk),
+            run_chunks(model, ids[:-1], state, targets[:-1], chunk))
+        previous = before.state
+    else:
+        result = await run_chunks(model, ids, state, targets, chunk)
+    logprobs = np.concatenate([[next_logprobs[ids[0]]], result.outputs[:-1]])
+    return Advance(result.state, result.next_logprobs, logprobs.astype(np.float32),
+                   previous if keep_previous else None)
+
+
+async def resume(model: LoadedModel, state: np.ndarray, last_token: int) -> Advance:
+    """A language model session from a state token: reads its last token again from the
+    state before it, which restores the state and the next-token distribution."""
+    token = np.array([last_token], np.int64)
+    return await run_chunks(model, token, state, np.zeros(1, np.int64), 1)
+
+
+def top_k(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    k = min(k, len(logprobs))
+    best = np.argpartition(-logprobs, k - 1)[:k]
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return [(int(i), float(logprobs[i])) for i in best]

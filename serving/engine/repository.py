@@ -1,0 +1,321 @@
+"""The model repository: `DIR/NAME/VERSION/` artifacts, each loaded into a runtime with its
+own scheduler. A request names a model and optionally a version; without one it gets the
+highest version served.
+
+Which versions are served is the version policy, as in Triton: the latest N (default 1),
+all, or specific ones. `refresh` (at start, and every `repository_poll_s` while serving)
+loads versions that enter the policy and unloads those that leave it or whose folder is
+gone: an unloaded version takes no new requests at once, and is released (its sessions,
+its scheduler's thread, its ONNX Runtime session) when its requests in flight finish. A
+version that fails to load is skipped (logged once, retried at the next look), so a
+half-copied new version never takes the serving one down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving.engine.errors import InvalidArgument, NotFound
+from serving.engine.metrics import Metrics
+from serving.engine.scheduler import BatchLimits, Scheduler
+from serving.model.artifact import load_artifact
+from serving.model.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+TASK_NAMES = {"lm": "a language model", "tag": "a tagger", "classify": "a classifier"}
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """`latest:N`, `all` or `specific:V1,V2,...`."""
+
+    kind: str = "latest"
+    count: int = 1
+    versions: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        kind, _, argument = text.strip().partition(":")
+        if kind == "all" and not argument:
+            return cls("all")
+        if kind == "latest" and re.fullmatch(r"[0-9]+", argument) and int(argument) >= 1:
+            return cls("latest", int(argument))
+        if kind == "specific" and re.fullmatch(r"[0-9]+(,[0-9]+)*", argument):
+            return cls("specific", versions=frozenset(int(v) for v in argument.split(",")))
+        raise ValueError(f"version_policy must be 'latest:N' (N >= 1), 'all' or "
+                         f"'specific:V1,V2,...'; got {text!r}")
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest:{self.count}"
+        if self.kind == "specific":
+            return "specific:" + ",".join(map(str, sorted(self.versions)))
+        return "all"
+
+    def wanted(self, version: int, taken: int) -> bool:
+        """Whether to serve `version`, given that `taken` higher versions are served."""
+        if self.kind == "latest":
+            return taken < self.count
+        return self.kind == "all" or version in self.versions
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    name: str
+    version: int
+    runtime: ModelRuntime
+    scheduler: Scheduler
+    # language models: the state and next-token log-probs after `<eos>`, computed at load
+    start_state: np.ndarray | None = field(default=None, repr=False)
+    start_logprobs: np.ndarray | None = field(default=None, repr=False)
+    latest: bool = False
+    active: int = 0  # requests in flight
+    retired: bool = False  # left the policy: takes no new requests
+    _drained: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    @property
+    def task(self) -> str:
+        return self.runtime.task
+
+    @property
+    def vocab(self):
+        return self.runtime.vocab
+
+    @property
+    def sessions_allowed(self) -> str | None:
+        """None if sessions work on this model, else why not."""
+        meta = self.runtime.artifact.metadata
+        if not self.runtime.incremental:
+            return (f"model {self.label} is bidirectional: it needs the whole text, so it "
+                    "cannot read text piece by piece; use Tag or Classify")
+        if self.task == "classify" and meta.get("pooling", "final") != "final":
+            return (f"model {self.label} pools with '{meta['pooling']}', which needs the whole "
+                    "text; sessions need a classifier with final-state pooling")
+        return None
+
+    def initial_state(self) -> np.ndarray:
+        return self.runtime.initial_state(1)[:, 0]
+
+    def acquire(self) -> None:
+        """Holds the version loaded for one request; a retired version takes none."""
+        if self.retired:
+            raise NotFound(f"model {self.label} was unloaded (it left the version policy, or "
+                           "its folder is gone)", "MODEL_UNLOADED", model=self.name)
+        self.active += 1
+
+    def release(self, *_) -> None:
+        self.active -= 1
+        if self.retired and self.active == 0:
+            self._drained.set()
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[LoadedModel]:
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    async def drained(self) -> None:
+        if self.active:
+            await self._drained.wait()
+
+
+class ModelRepository:
+    def __init__(self, root: str | Path, device: str, threads: int, allow_cpu_fallback: bool,
+                 limits: BatchLimits, metrics: Metrics, spin_threads: bool = False,
+                 policy: VersionPolicy | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.root}: no such directory")
+        self.device, self.threads, self.spin_threads = device, threads, spin_threads
+        self.allow_cpu_fallback, self.limits, self.metrics = allow_cpu_fallback, limits, metrics
+        self.policy = policy or VersionPolicy()
+        self.models: dict[str, dict[int, LoadedModel]] = {}
+        self._refused: dict[Path, str] = {}  # versions that failed to load while serving
+        self._unloading: set[asyncio.Task] = set()
+        # called with each unloaded version once its requests are done (the engine closes
+        # its sessions there)
+        self.on_unload: Callable[[LoadedModel], None] = lambda model: None
+        self.started = False
+        for name, version, path in self._wanted(self._scan()):
+            self._add(self._load(name, version, path))  # at start, a broken artifact stops
+        if not self.models:
+            raise FileNotFoundError(f"model repository {self.root}: no models (expected "
+                                    "NAME/VERSION/ artifact directories)")
+
+    # -- the folder and the policy --------------------------------------------------------
+    def _scan(self) -> dict[str, list[tuple[int, Path]]]:
+        """Each model's version folders, highest first."""
+        found = {}
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            versions = sorted(((int(v.name), v) for v in model_dir.iterdir()
+                               if v.is_dir() and re.fullmatch(r"[0-9]+", v.name)), reverse=True)
+            if not versions:
+                log.warning("%s: no integer version directories; skipped", model_dir)
+                continue
+            found[model_dir.name] = versions
+        return found
+
+    def _wanted(self, scanned: dict[str, list[tuple[int, Path]]]
+                ) -> Iterable[tuple[str, int, Path]]:
+        """The versions the policy serves, highest first."""
+        for name, versions in scanned.items():
+            taken = 0
+            for version, path in versions:
+                if self.policy.wanted(version, taken):
+                    taken += 1
+                    yield name, version, path
+
+    def _load(self, name: str, version: int, path: Path) -> LoadedModel:
+        runtime = ModelRuntime(load_artifact(path), self.device, self.threads,
+                               self.allow_cpu_fallback, self.spin_threads)
+        label = f"{name}/{version}"
+        model = LoadedModel(name, version, runtime,
+                            Scheduler(runtime, label, self.limits, self.metrics))
+        if runtime.task == "lm":
+            model.start_state, model.start_logprobs = runtime.start_point()
+        return model
+
+    def _add(self, model: LoadedModel) -> None:
+        meta = model.runtime.artifact.metadata
+        self.metrics.add_model(model.label, model.name, model.version, model.task,
+                               meta["cell"], model.runtime.device)
+        self.models.setdefault(model.name, {})[model.version] = model
+        self._mark_latest(model.name)
+        if self.started:
+            model.scheduler.start()
+
+    def _mark_latest(self, name: str) -> None:
+        versions = self.models.get(name, {})
+        for loaded in versions.values():
+            loaded.latest = loaded.version == max(versions)
+
+    # -- while serving --------------------------------------------------------------------
+    async def refresh(self) -> list[str]:
+        """Loads the versions that entered the policy (ONNX Runtime's session setup runs off
+        the event loop, so requests keep flowing) and unloads those that left it; returns
+        the labels loaded. A version that fails to load (still being copied, or corrupt) is
+        logged once and retried at the next refresh."""
+        scanned = await asyncio.to_thread(self._scan)
+        fresh: list[LoadedModel] = []
+        wanted: set[tuple[str, int]] = set()
+        # highest first, until the policy is satisfied by versions that do load
+        for name, versions in scanned.items():
+            taken = 0
+            for version, path in versions:
+                if not self.policy.wanted(version, taken):
+                    continue
+                if version not in self.models.get(name, {}):
+                    model = await self._try_load(name, version, path)
+                    if model is None:
+                        continue
+                    fresh.append(model)
+                taken += 1
+                wanted.add((name, version))
+        for model in fresh:
+            self._add(model)
+            log.info("loaded %s", model.label)
+        for model in [m for m in self.all() if (m.name, m.version) not in wanted]:
+            self.unload(model)
+        return [model.label for model in fresh]
+
+    async def _try_load(self, name: str, version: int, path: Path) -> LoadedModel | None:
+        try:
+            model = await asyncio.to_thread(self._load, name, version, path)
+        except Exception as error:  # noqa: BLE001 (any failure: skip it, keep serving)
+            if self._refused.get(path) != str(error):
+                log.warning("%s: not loaded: %s", path, error)
+                self._refused[path] = str(error)
+            return None
+        self._refused.pop(path, None)
+        return model
+
+    def unload(self, model: LoadedModel) -> None:
+        """Takes the version out of service now; releases it once its requests finish."""
+        versions = self.models.get(model.name, {})
+        if versions.get(model.version) is not model:
+            return
+        del versions[model.version]
+        if not versions:
+            del self.models[model.name]
+        self._mark_latest(model.name)
+        model.retired = True
+        if model.active == 0:
+            model._drained.set()
+        task = asyncio.get_running_loop().create_task(self._release(model))
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
+        log.info("unloading %s (version policy %s)", model.label, self.policy)
+
+    async def _release(self, model: LoadedModel) -> None:
+        await model.drained()
+        self.on_unload(model)
+        await model.scheduler.close()
+        meta = model.runtime.artifact.metadata
+        self.metrics.remove_model(model.label, model.name, model.version, model.task,
+                                  meta["cell"], model.runtime.device)
+        log.info("unloaded %s", model.label)
+
+    async def refresh_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 (a moved folder, a full disk: log, keep polling)
+                log.exception("looking at the model repository %s failed", self.root)
+
+    # -- lookups --------------------------------------------------------------------------
+    def all(self) -> list[LoadedModel]:
+        return [m for versions in self.models.values() for m in versions.values()]
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self.models.get(name, {}))
+
+    def get(self, name: str, version: int, task: str | None = None,
+            field_name: str = "model", name_field: str | None = None,
+            version_field: str | None = None) -> LoadedModel:
+        """The model a request names; errors name the request's fields (`model.name`, or
+        `name_field` / `version_field` where a protocol spells them otherwise)."""
+        name_field = name_field or f"{field_name}.name"
+        version_field = version_field or f"{field_name}.version"
+        if not name:
+            raise InvalidArgument(name_field, "required")
+        if version < 0:
+            raise InvalidArgument(version_field, f"must be >= 0, got {version}")
+        versions = self.models.get(name)
+        if versions is None:
+            raise NotFound(f"{name_field}: no model named {name!r} (serving: "
+                           f"{', '.join(sorted(self.models))})", model=name)
+        model = versions.get(version) if version else max(versions.items())[1]
+        if model is None:
+            raise NotFound(f"{version_field}: model {name!r} has no version {version} "
+                           f"(serving: {', '.join(map(str, sorted(versions)))}; version "
+                           f"policy {self.policy})", model=name)
+        if task is not None and model.task != task:
+            raise InvalidArgument(name_field, f"model {model.label} is "
+                                  f"{TASK_NAMES[model.task]}, not {TASK_NAMES[task]}")
+        return model
+
+    def start(self) -> None:
+        self.started = True
+        for model in self.all():
+            model.scheduler.start()
+
+    async def close(self) -> None:
+        for task in list(self._unloading):
+            task.cancel()
+        for model in self.all():
+            await model.scheduler.close()
