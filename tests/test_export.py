@@ -202,6 +202,33 @@ def test_a_graph_that_differs_from_torch_is_refused(tmp_path):
         verify(model, runtime)
 
 
+@pytest.mark.parametrize("hidden, layers", [(1024, 2), (1500, 1)])
+def test_wide_models_are_verified_against_float64_not_a_fixed_tolerance(hidden, layers,
+                                                                        tmp_path):
+    """Weights five times their initial scale, as trained ones grow: two float32
+    implementations then differ by more than 1e-4 on log-probs (the old fixed tolerance
+    refused such exports), yet the graph is as close to float64 as torch's own float32
+    forward; a 1% change of one matrix is still refused."""
+    torch.manual_seed(0)
+    model = RecurrentLM(200, "lstm", 64, hidden, layers).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(5.0)
+    runtime = ModelRuntime(save_model(model, tmp_path / "m" / "1"))
+    report = verify(model, runtime)
+    outputs = report["outputs"]
+    assert max(o["graph_vs_torch_float32"] for o in outputs.values()) > 1e-4
+    for name, o in outputs.items():
+        assert o["graph_vs_float64"] <= o["allowed"] <= report["ceiling"], name
+        assert o["allowed"] == pytest.approx(min(
+            report["factor"] * o["torch_float32_vs_float64"] + report["floor"],
+            report["ceiling"])), name
+    with torch.no_grad():
+        model.stack.forward_layers[0].weight_hh.mul_(1.01)
+    with pytest.raises(ExportMismatch, match="more than float32 rounding explains"):
+        verify(model, runtime)
+
+
 @pytest.mark.parametrize("kind", ["lm", "classifier-bi-mean", "classifier-bi-max",
                                   "tagger-bi", "classifier-uni"])
 def test_padding_never_reaches_a_rows_results(kind, tmp_path):
