@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recur: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[argv[0]]
-    return getattr(importlib.import_module(module), function)(argv[1:])
+    try:
+        command = getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as error:
+        side = "train" if module.startswith("training") else "serve"
+        print(f"recur {argv[0]}: {error.name} is not installed here; `recur {argv[0]}` needs "
+              f"the {side} extra (pip install 'recur[{side}]')", file=sys.stderr)
+        return 2
+    return command(argv[1:])
 
 
 if __name__ == "__main__":

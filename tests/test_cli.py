@@ -91,3 +91,51 @@ def test_export_writes_a_verified_artifact_and_refuses_to_overwrite(demo_lm_run,
     assert max(report["max_abs_diff"].values()) <= 1e-4
     again = recur("export", str(demo_lm_run), "--out", str(out))
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_a_run_evaluates_from_any_folder_and_exports_without_its_corpus(synth_dir, tmp_path):
+    """The recipe names its data relative to the folder it is trained in; the run records
+    those paths absolute, and export needs only the run directory."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(synth_dir, work / "data" / "synth")
+    run = work / "run"
+    trained = subprocess.run([sys.executable, "-m", "recur", "train", "--config", "demo-lm",
+                              "--dry-run", "--out", str(run)], cwd=work, capture_output=True,
+                             text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def recur_in(folder, *args):
+        return subprocess.run([sys.executable, "-m", "recur", *args], cwd=folder,
+                              capture_output=True, text=True, timeout=300)
+
+    evaluated = recur_in(elsewhere, "evaluate", str(run), "--split", "test")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["tokens"] > 0
+    shutil.rmtree(work / "data")  # the corpus is gone: export and generate need none of it
+    exported = recur_in(elsewhere, "export", str(run), "--out", "repo/demo-lm/1")
+    assert exported.returncode == 0, exported.stderr
+    assert (elsewhere / "repo" / "demo-lm" / "1" / "model.onnx").exists()
+    generated = recur_in(elsewhere, "generate", str(run), "--max-tokens", "3", "--seed", "1")
+    assert generated.returncode == 0, generated.stderr
+    missing = recur_in(elsewhere, "evaluate", str(run), "--split", "test")
+    assert missing.returncode == 2 and "no such corpus file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_a_corpus_in_another_encoding_is_named_with_its_byte_offset(tmp_path):
+    corpus = tmp_path / "trec.txt"
+    corpus.write_bytes("DESC what is a caf\xe9 ?\nLOC where is rome ?\n".encode("latin-1"))
+    result = recur("train", "--config", "demo-cls", "--dry-run", "--out", str(tmp_path / "r"),
+                   "--set", f'data.train="{corpus}"', "--set", f'data.valid="{corpus}"',
+                   "--set", f'data.test="{corpus}"')
+    assert result.returncode == 2
+    assert f"{corpus}: not valid utf-8 at byte 18" in result.stderr
+    assert "data.encoding" in result.stderr and "Traceback" not in result.stderr
+    latin = recur("train", "--config", "demo-cls", "--dry-run", "--out", str(tmp_path / "r2"),
+                  "--set", f'data.train="{corpus}"', "--set", f'data.valid="{corpus}"',
+                  "--set", f'data.test="{corpus}"', "--set", 'data.encoding="latin-1"')
+    assert latin.returncode == 0, latin.stderr

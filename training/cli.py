@@ -47,12 +47,16 @@ def train_command(argv: list[str]) -> int:
         return 2
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.nproc, _without_nproc(argv))
+    from training.data.readers import CorpusError
     from training.train import train
 
     try:
         summary = train(config, run_dir, resume=bool(args.resume), dry_run=args.dry_run)
     except ConfigError as error:
         print(f"recur train: configuration error: {error}", file=sys.stderr)
+        return 2
+    except (CorpusError, FileNotFoundError) as error:
+        print(f"recur train: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     return 0
@@ -92,13 +96,19 @@ def evaluate_command(argv: list[str]) -> int:
     parser.add_argument("--probes", help="a TSV of (grammatical, ungrammatical) sentence pairs")
     parser.add_argument("--device", help="override train.device, e.g. cpu")
     args = parser.parse_args(argv)
+    from training.config import ConfigError
+    from training.data.readers import CorpusError
     from training.evaluate import load_run, probe_accuracy
     from training.train import device_of
 
-    config, task, model = load_run(args.run_dir, args.device)
-    result = {"split": args.split, **task.evaluate(model, args.split, device_of(config))}
-    if args.probes:
-        result["probe_accuracy"] = probe_accuracy(model, task.vocab, args.probes)
+    try:
+        config, task, model = load_run(args.run_dir, args.device)
+        result = {"split": args.split, **task.evaluate(model, args.split, device_of(config))}
+        if args.probes:
+            result["probe_accuracy"] = probe_accuracy(model, task.vocab, args.probes)
+    except (ConfigError, CorpusError, FileNotFoundError) as error:
+        print(f"recur evaluate: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2))
     return 0
 
@@ -123,7 +133,11 @@ def generate_command(argv: list[str]) -> int:
         params = SamplingParams(args.temperature, args.top_k, args.top_p)
     except ValueError as error:
         parser.error(str(error))
-    config, task, model = load_run(args.run_dir)
+    try:
+        config, task, model = load_run(args.run_dir)
+    except FileNotFoundError as error:
+        print(f"recur generate: {error}", file=sys.stderr)
+        return 2
     if config.data.task != "lm" or config.model.type == "kn":
         parser.error(f"{args.run_dir} is not a neural language model")
     for index in range(args.samples):

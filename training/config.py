@@ -7,6 +7,7 @@ combination is refused before any data is read, with a message naming the key.
 from __future__ import annotations
 
 import tomllib
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,18 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return section, key, value
+
+
+def anchored(config: Config, base: Path) -> Config:
+    """The config with its relative data paths made absolute against `base`, so that a
+    run's saved config reads the same files wherever it is used from (`data:` paths, under
+    RECUR_DATA, stay as they are)."""
+    copy = deepcopy(config)
+    for split in ("train", "valid", "test"):
+        path = getattr(copy.data, split)
+        if path and not path.startswith("data:") and not Path(path).is_absolute():
+            setattr(copy.data, split, str((base / path).resolve()))
+    return copy
 
 
 def resolve_config_path(name: str | Path) -> Path:

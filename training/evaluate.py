@@ -15,7 +15,9 @@ from training.train import device_of
 
 
 def load_run(run_dir: str | Path, device: str | None = None):
-    """(config, task, model with its best weights) of a run directory."""
+    """(config, task, model with its best weights) of a run directory. Reads no corpus: the
+    vocabulary, labels, config and weights are all in the run directory (only a count-based
+    model is fitted from its training data); the task reads a split when it is evaluated."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").exists():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.toml)")

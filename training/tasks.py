@@ -37,12 +37,14 @@ def _read(config: Config, split: str):
     if not path:
         raise ValueError(f"data.{split} is not set")
     if d.format == "lines":
-        return readers.read_lines_lm(path, norm)
+        return readers.read_lines_lm(path, norm, d.encoding)
     if d.format == "chars":
         one_file = d.train == d.valid == d.test
-        return readers.read_char_stream(path, norm, split if one_file else None)
+        return readers.read_char_stream(path, norm, split if one_file else None,
+                                        encoding=d.encoding)
     if d.format == "conllu":
-        return readers.read_conllu(path, norm, d.tag_column if d.tag_column >= 0 else 3)
+        return readers.read_conllu(path, norm, d.tag_column if d.tag_column >= 0 else 3,
+                                   d.encoding)
     if d.format == "columns":
         return readers.read_columns(path, norm, d.token_column, d.tag_column, d.encoding)
     return readers.read_labelled(path, norm, d.encoding)
@@ -56,9 +58,12 @@ class LanguageModelTask:
     higher_is_better = False
 
     def __init__(self, config: Config, vocab: Vocabulary | None = None):
+        """Reads the training data only to build a vocabulary: with one (a run's), nothing
+        is read until a split is asked for."""
         self.config = config
-        sentences = {"train": _read(config, "train")}
+        sentences = {}
         if vocab is None:
+            sentences["train"] = _read(config, "train")
             counts = Counter(t for s in sentences["train"] for t in s)
             d = config.data
             vocab = Vocabulary.build(counts, [UNK, EOS], normalization(config), d.min_count,
@@ -133,8 +138,12 @@ class _PaddedTask:
     """Tagging and classification: length-bucketed, padded mini-batches with lengths."""
 
     def __init__(self, config: Config, vocab: Vocabulary | None, labels: LabelSet | None):
+        """Reads the training data only to build the vocabulary or the labels: with both (a
+        run's), nothing is read until a split is asked for."""
         self.config = config
-        self.examples = {"train": _read(config, "train")}
+        self.examples = {}
+        if vocab is None or labels is None:
+            self.examples["train"] = _read(config, "train")
         if vocab is None:
             counts = Counter(t for words, _ in self.examples["train"] for t in words)
             d = config.data

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from training import checkpoint, distributed
-from training.config import Config, ConfigError
+from training.config import Config, ConfigError, anchored
 from training.models.ngram import KneserNey
 from training.tasks import make_task
 
@@ -138,7 +138,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
         task.vocab.save(run_dir / "vocab.json")
         if task.labels is not None:
             task.labels.save(run_dir / "labels.json")
-        (run_dir / "config.toml").write_text(config.to_toml())
+        (run_dir / "config.toml").write_text(anchored(config, Path.cwd()).to_toml())
     if dry_run:
         task.eval_limit = 2000
     model = task.build_model()

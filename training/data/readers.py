@@ -24,23 +24,38 @@ def resolve(path: str | Path) -> Path:
     return Path(text)
 
 
+class CorpusError(ValueError):
+    """A corpus file that cannot be read as configured."""
+
+
 def _open_text(path: Path, encoding: str = "utf-8") -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such corpus file (RECUR_DATA={data_root()})")
-    return path.read_text(encoding=encoding)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise CorpusError(
+            f"{path}: not valid {encoding} at byte {error.start} "
+            f"({raw[error.start:error.start + 4]!r}...): set data.encoding to the file's "
+            f"encoding, for example data.encoding = \"latin-1\"") from None
+    except LookupError:
+        raise CorpusError(f"data.encoding: unknown encoding {encoding!r}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as read_text's newlines
 
 
-def read_lines_lm(path: str | Path, norm: Normalization) -> list[list[str]]:
+def read_lines_lm(path: str | Path, norm: Normalization,
+                  encoding: str = "utf-8") -> list[list[str]]:
     """One sentence per line; `<eos>` appended to each (Penn Treebank style)."""
-    return [norm.tokenize(line) + [EOS] for line in _open_text(resolve(path)).splitlines()
-            if line.strip()]
+    return [norm.tokenize(line) + [EOS]
+            for line in _open_text(resolve(path), encoding).splitlines() if line.strip()]
 
 
-def read_char_stream(path: str | Path, norm: Normalization,
-                     split: str | None = None, fractions=(0.9, 0.05, 0.05)) -> list[list[str]]:
+def read_char_stream(path: str | Path, norm: Normalization, split: str | None = None,
+                     fractions=(0.9, 0.05, 0.05), encoding: str = "utf-8") -> list[list[str]]:
     """A whole file as one character stream (Tiny Shakespeare), optionally one split of it:
     the first 90% of characters train, the next 5% valid, the last 5% test."""
-    text = _open_text(resolve(path))
+    text = _open_text(resolve(path), encoding)
     if split is not None:
         n = len(text)
         a, b = int(n * fractions[0]), int(n * (fractions[0] + fractions[1]))
@@ -48,12 +63,12 @@ def read_char_stream(path: str | Path, norm: Normalization,
     return [norm.tokenize(text)]
 
 
-def read_conllu(path: str | Path, norm: Normalization,
-                column: int = 3) -> list[tuple[list[str], list[str]]]:
+def read_conllu(path: str | Path, norm: Normalization, column: int = 3,
+                encoding: str = "utf-8") -> list[tuple[list[str], list[str]]]:
     """CoNLL-U sentences as (words, tags); skips comments, multiword ranges and empty nodes.
     `column` is 0-based: 3 is UPOS, 4 is XPOS."""
     sentences, words, tags = [], [], []
-    for line in _open_text(resolve(path)).splitlines():
+    for line in _open_text(resolve(path), encoding).splitlines():
         if not line.strip():
             if words:
                 sentences.append((words, tags))
