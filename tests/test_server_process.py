@@ -87,6 +87,32 @@ def test_health_reflection_and_metrics(process):
     assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
 
 
+def test_reflection_v1_answers_as_v1alpha_does(process):
+    """grpcio-reflection implements v1alpha only; current tools ask v1 first."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2 as messages  # the same wire format
+
+    with grpc.insecure_channel(process.target) as channel:
+        for service in ("grpc.reflection.v1.ServerReflection",
+                        "grpc.reflection.v1alpha.ServerReflection"):
+            info = channel.stream_stream(
+                f"/{service}/ServerReflectionInfo",
+                request_serializer=messages.ServerReflectionRequest.SerializeToString,
+                response_deserializer=messages.ServerReflectionResponse.FromString)
+            listed, described, itself = list(info(iter([
+                messages.ServerReflectionRequest(list_services=""),
+                messages.ServerReflectionRequest(file_containing_symbol="recur.v1.Models"),
+                messages.ServerReflectionRequest(file_containing_symbol=service)]), timeout=10))
+            names = {s.name for s in listed.list_services_response.service}
+            assert {"recur.v1.LanguageModel", "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection"} <= names, service
+            for response, package in ((described, "recur.v1"),
+                                      (itself, service.rpartition(".")[0])):
+                files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in
+                         response.file_descriptor_response.file_descriptor_proto]
+                assert package in {f.package for f in files}, (service, package)
+
+
 def test_sigterm_drains_in_flight_work_and_closes_streams_with_a_reason(model_repository):
     # Queued steps wait 300 ms, so the unary Scores below are in flight at SIGTERM.
     process = ServeProcess(serve_command(model_repository, "--grace-s", "3",

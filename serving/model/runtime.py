@@ -93,6 +93,8 @@ class ModelRuntime:
         initial = meta.get("initial_state")
         self._initial = (np.zeros((self.layers, self.state_size), np.float32) if initial is None
                          else np.asarray(initial, np.float32))
+        # what ONNX Runtime was given to run: calls, and token positions (padding excluded)
+        self.calls = self.positions_run = 0
 
     @property
     def incremental(self) -> bool:
@@ -147,6 +149,8 @@ class ModelRuntime:
             binding.bind_output(output.name, self.device if on_device else "cpu",
                                 self.device_id if on_device else 0)
         self.session.run_with_iobinding(binding)
+        self.calls += 1
+        self.positions_run += int(lengths.sum())
         return binding.get_outputs()
 
     def run_lm(self, tokens: np.ndarray, lengths: np.ndarray,
