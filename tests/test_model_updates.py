@@ -9,8 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
+import pytest
 from serving_helpers import RunningServer
 
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
@@ -73,3 +75,128 @@ def test_new_versions_are_picked_up_without_failing_requests(model_repository, t
         server.stop()
     assert failures == []
     assert served_versions == {1, 2, 3}
+
+
+def test_only_the_latest_version_is_served_by_default(model_repository):
+    server = RunningServer(model_repository)
+    try:
+        served = {(m.name, m.version) for m in server.client.list_models()}
+        assert ("endless", 2) in served and ("endless", 1) not in served
+        with pytest.raises(grpc.RpcError) as caught:
+            server.client.score("endless", ["w3"], version=1)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "version policy latest:1" in caught.value.details()
+    finally:
+        server.stop()
+
+
+def publish(source: Path, target: Path) -> None:
+    """A new version as `recur export` publishes one: copied aside, renamed into place."""
+    staging = target.with_name(f".{target.name}.staging")
+    shutil.copytree(source, staging)
+    staging.rename(target)
+
+
+def test_an_unloaded_version_finishes_its_requests_and_closes_its_sessions(model_repository,
+                                                                           tmp_path):
+    publish(model_repository / "endless" / "1", tmp_path / "endless" / "1")
+    server = RunningServer(tmp_path, repository_poll_s=0.05, max_completion_tokens=5000)
+    try:
+        old = server.server.engine.model("endless")
+        session = server.client.create_session("endless", "w3 w4")
+        events = server.client.complete("endless", "w3", seed=0, max_tokens=3000)
+        first = next(events)  # in flight on version 1
+        publish(model_repository / "endless" / "1", tmp_path / "endless" / "2")
+        wait_for(lambda: server.client.score("endless", ["w3"])[0] is not None and
+                 {m.version for m in server.client.list_models() if m.name == "endless"}
+                 == {2})
+        rest = list(events)  # the completion runs to its end on version 1
+        assert first.token is not None and len(rest) == 3000
+        assert rest[-1].finish_reason == "length" and rest[-1].model.version == 1
+        wait_for(lambda: old.scheduler.closed and old.runtime.session is None)
+        with pytest.raises(grpc.RpcError) as caught:
+            server.client.append(session.session_id, "w5")
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "was unloaded" in caught.value.details()
+        assert server.metric("recur_session_evictions_total", reason="unloaded") == 1
+        shutil.rmtree(tmp_path / "endless" / "2")  # its folder gone: back to version 1
+        wait_for(lambda: {m.version for m in server.client.list_models()
+                          if m.name == "endless"} == {1})
+    finally:
+        server.stop()
+
+
+def resident_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_twenty_rollouts_keep_memory_flat_and_fail_no_request(tmp_path):
+    import torch
+    from export_helpers import save_model
+    from test_server_process import ServeProcess
+
+    from serving.client import RecurClient
+    from training.models.language_model import RecurrentLM
+
+    torch.manual_seed(0)  # about 12 MB of weights: a version kept by mistake shows
+    source = save_model(RecurrentLM(5000, "lstm", 256, 256, 1).eval(), tmp_path / "src" / "1")
+    repository = tmp_path / "models"
+    publish(source, repository / "lm" / "1")
+    process = ServeProcess([sys.executable, "-m", "recur", "serve", "--model-repository",
+                            str(repository), "--port", "0", "--metrics-port", "0",
+                            "--repository-poll-s", "0.05"])
+    failures, served, stop = [], set(), threading.Event()
+    client = RecurClient(process.target)
+
+    def traffic():
+        request = pb.ScoreRequest(model=pb.ModelRef(name="lm"),
+                                  inputs=[pb.Input(text="w1 w2 w3")])
+        while not stop.is_set():
+            try:
+                served.add(client.language_model.Score(request, timeout=10).model.version)
+            except grpc.RpcError as error:
+                failures.append(error)
+
+    def only(version: int) -> bool:
+        return {m.version for m in client.list_models()} == {version} and version in served
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        memory = {}
+        for version in range(2, 22):
+            publish(source, repository / "lm" / str(version))
+            wait_for(lambda v=version: only(v))
+            time.sleep(0.2)  # the old version's release runs once its requests are done
+            memory[version] = resident_bytes(process.process.pid)
+    finally:
+        stop.set()
+        thread.join(10)
+        client.close()
+        process.stop()
+    assert failures == []
+    assert served == set(range(1, 22))
+    assert memory[21] <= 1.2 * memory[2], {v: m // 2**20 for v, m in memory.items()}
+
+
+@pytest.mark.parametrize("policy, versions", [("latest:1", {2}), ("latest:2", {1, 2}),
+                                              ("all", {1, 2}), ("specific:1", {1})])
+def test_the_version_policy_picks_what_is_served(model_repository, policy, versions):
+    server = RunningServer(model_repository, version_policy=policy)
+    try:
+        served = {m.version for m in server.client.list_models() if m.name == "endless"}
+    finally:
+        server.stop()
+    assert served == versions
+
+
+@pytest.mark.parametrize("policy", ["latest:0", "latest", "newest:2", "specific:", "all:1"])
+def test_a_bad_version_policy_is_refused_by_name(policy):
+    from serving.config import ServerConfig
+
+    with pytest.raises(ValueError, match="version_policy must be"):
+        ServerConfig(version_policy=policy)

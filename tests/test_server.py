@@ -54,6 +54,12 @@ def test_score_counts_unknown_words_and_accepts_token_ids(server, runtime):
     assert [t.logprob for t in by_ids.tokens] == [t.logprob for t in by_text.tokens]
 
 
+def test_a_near_impossible_token_gives_an_infinite_perplexity(server):
+    """endless/1 gives <eos> a log-prob near -1e4: exp(-mean) overflows a double."""
+    (score,) = server.client.score("endless", ["w3"], version=1)
+    assert score.tokens[-1].logprob < -1000 and score.perplexity == float("inf")
+
+
 def test_incremental_appends_equal_one_score_and_the_torch_model(server, demo_lm_run):
     import torch
 

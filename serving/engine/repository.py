@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -131,6 +132,14 @@ class LoadedModel:
     async def drained(self) -> None:
         if self.active:
             await self._drained.wait()
+
+
+def _return_freed_memory() -> None:
+    """Gives the heap's free pages back to the system (glibc's malloc_trim), so that a
+    process's resident memory falls when a version is unloaded instead of staying at its
+    high-water mark. Elsewhere nothing is done."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class ModelRepository:
@@ -264,6 +273,8 @@ class ModelRepository:
         await model.drained()
         self.on_unload(model)
         await model.scheduler.close()
+        model.runtime.close()  # now: references in cycles would keep it until a full gc
+        _return_freed_memory()
         meta = model.runtime.artifact.metadata
         self.metrics.remove_model(model.label, model.name, model.version, model.task,
                                   meta["cell"], model.runtime.device)

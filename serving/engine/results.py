@@ -32,7 +32,11 @@ class Scored:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(-self.total_logprob / len(self.ids))
+        """exp(-mean log-prob); infinite when that overflows (a near-impossible token)."""
+        try:
+            return math.exp(-self.total_logprob / len(self.ids))
+        except OverflowError:
+            return math.inf
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,7 @@ class Scheduler:
         self._room = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task | None = None
+        self.closed = False
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=label)
         self.peak_depth = 0
         self._depth = metrics.queue_depth.labels(label)
@@ -100,10 +101,12 @@ class Scheduler:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None  # the task's coroutine refers back to this scheduler
         self._worker.shutdown(wait=False, cancel_futures=True)
         for bucket in self._buckets.values():
             for step in bucket:
                 step.future.cancel()
+        self.closed = True
 
     @property
     def depth(self) -> int:

@@ -100,6 +100,11 @@ class ModelRuntime:
     def incremental(self) -> bool:
         return self.artifact.incremental
 
+    def close(self) -> None:
+        """Releases the ONNX Runtime session (its weights and buffers) now, rather than
+        whenever the last reference to this runtime goes; later calls raise."""
+        self.session = None
+
     # -- states ---------------------------------------------------------------------------
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.float32),
@@ -129,7 +134,10 @@ class ModelRuntime:
             raise ValueError(f"tokens must be ids in [0, {vocab})")
 
     def _run(self, tokens, lengths, state, targets=None) -> list:
-        binding = self.session.io_binding()
+        session = self.session
+        if session is None:
+            raise RuntimeError(f"{self.artifact.path}: the runtime was closed")
+        binding = session.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, np.int64))
         binding.bind_cpu_input("lengths", np.ascontiguousarray(lengths, np.int64))
         if self.incremental:
@@ -144,11 +152,11 @@ class ModelRuntime:
             binding.bind_ortvalue_input("state", state)
         if targets is not None:
             binding.bind_cpu_input("targets", np.ascontiguousarray(targets, np.int64))
-        for output in self.session.get_outputs():
+        for output in session.get_outputs():
             on_device = output.name == "new_state"
             binding.bind_output(output.name, self.device if on_device else "cpu",
                                 self.device_id if on_device else 0)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         self.calls += 1
         self.positions_run += int(lengths.sum())
         return binding.get_outputs()
