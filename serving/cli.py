@@ -24,7 +24,8 @@ def serve_parser() -> argparse.ArgumentParser:
         "also an environment variable (RECUR_<OPTION>, e.g. RECUR_MAX_BATCH_SIZE) and a key of "
         "the --config TOML file; flags win over the environment, which wins over the file.")
     server_config.add_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO",
+                        help="Python logging level: DEBUG, INFO, WARNING or ERROR. Default: INFO.")
     return parser
 
 

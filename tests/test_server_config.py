@@ -69,3 +69,20 @@ def test_connections_are_recycled_after_their_maximum_age(model_repository):
         assert score.token_count == 3
     finally:
         server.stop()
+
+
+def test_every_serve_option_says_what_it_does_in_help():
+    from dataclasses import fields
+
+    from serving.cli import serve_parser
+    from serving.config import ServerConfig
+
+    parser = serve_parser()
+    helps = {action.dest: action.help for action in parser._actions}
+    for f in fields(ServerConfig):
+        text = helps[f.name]
+        assert text and text.startswith(f.metadata["help"]), f.name
+        assert len(f.metadata["help"].split()) >= 4, f"{f.name}: {f.metadata['help']!r}"
+        assert text.endswith(f"Default: {f.default if f.default != '' else 'none'}."), f.name
+    shown = parser.format_help()
+    assert "Most sequences in one ONNX Runtime call." in shown and "Default: 64." in shown
