@@ -1,9 +1,8 @@
 """What the benchmark scripts share: where results go, a median timer, a language-model
-artifact with random weights."""
+artifact with random weights. bench/report.py saves results and writes the report."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from datetime import UTC, datetime
@@ -15,19 +14,6 @@ RESULTS = REPO / "bench" / "results"
 
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def save_results(name: str, report: dict) -> Path:
-    """Writes bench/results/NAME.json, prints it (what a CI or device log keeps) and
-    regenerates the report from all results."""
-    from bench.report import write_report
-
-    path = RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=name == "train") + "\n")
-    print(json.dumps(report, indent=2))
-    write_report()
-    return path
 
 
 def median_ms(fn, repeat: int, warmup: int = 3) -> float:

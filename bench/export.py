@@ -17,7 +17,8 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from bench.common import median_ms, now, save_results
+from bench.common import median_ms, now
+from bench.report import save_results
 from training.export.builder import Dims, GraphBuilder
 from training.export.graph import build_graph
 from training.models.language_model import RecurrentLM

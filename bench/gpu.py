@@ -18,7 +18,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from bench.common import lm_artifact, median_ms, now, save_results
+from bench.common import lm_artifact, median_ms, now
+from bench.report import save_results
 from serving.model.runtime import ModelRuntime
 from training.models.language_model import RecurrentLM
 

@@ -224,6 +224,17 @@ def render(results: Path = RESULTS) -> str:
     return "\n\n".join("\n".join(p) for p in parts) + "\n"
 
 
+def save_results(name: str, report: dict) -> Path:
+    """Writes bench/results/NAME.json, prints it (what a CI or device log keeps) and
+    regenerates the report from all results."""
+    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=name == "train") + "\n")
+    print(json.dumps(report, indent=2))
+    write_report()
+    return path
+
+
 def write_report() -> Path:
     REPORT.parent.mkdir(exist_ok=True)
     REPORT.write_text(render())

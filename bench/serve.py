@@ -28,7 +28,8 @@ import onnxruntime as ort
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import lm_artifact, now, save_results
+from bench.common import lm_artifact, now
+from bench.report import save_results
 from serving.client import RecurClient
 from serving.model.runtime import ModelRuntime
 from serving.model.sampler import SamplingParams, make_rng, sample_batch

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import save_results
+from bench.report import save_results
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
 

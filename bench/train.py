@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import REPO, RESULTS, now, save_results
+from bench.common import REPO, RESULTS, now
+from bench.report import save_results
 from training.config import Config, load_config
 from training.evaluate import load_run
 from training.train import device_of, train

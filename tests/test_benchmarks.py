@@ -45,3 +45,9 @@ def test_bench_gpu_loop_reference_adds_once_per_node_and_step(nodes):
     state = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
     (out,) = session.run(None, {"x": np.zeros((7, 1), np.float32), "h0": state})
     np.testing.assert_allclose(out, state + 7 * nodes, rtol=1e-6)
+
+
+def test_the_report_is_what_the_results_make():
+    from bench.report import REPORT, render
+
+    assert REPORT.read_text() == render(), "docs/benchmarks.md is stale: python -m bench.report"
