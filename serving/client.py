@@ -56,9 +56,34 @@ class Token:
     logprob: float  # natural log
 
 
+class TokenList(Sequence[Token]):
+    """A scored sequence's tokens, made into Token values only when first read: a scoring
+    job that reads only totals (a file's perplexity) does not pay for every token."""
+
+    def __init__(self, messages):
+        self._messages, self._tokens = messages, None
+
+    def _all(self) -> list[Token]:
+        if self._tokens is None:
+            self._tokens = _tokens(self._messages)
+        return self._tokens
+
+    def __getitem__(self, index):
+        return self._all()[index]
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and self._all() == list(other)
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+
 @dataclass(frozen=True)
 class Score:
-    tokens: list[Token]
+    tokens: Sequence[Token]  # every scored token, <eos> included unless add_eos was off
     total_logprob: float
     token_count: int
     perplexity: float
@@ -148,7 +173,7 @@ def _tokens(messages) -> list[Token]:
 
 
 def _score(message: pb.SequenceScore) -> Score:
-    return Score(_tokens(message.tokens), message.total_logprob, message.token_count,
+    return Score(TokenList(message.tokens), message.total_logprob, message.token_count,
                  message.perplexity, message.unknown_count)
 
 
