@@ -1,5 +1,5 @@
-"""The engine's settings: the model repository, devices, batching, sessions and request
-limits, each with the sentence `recur serve --help` shows.
+"""The engine's settings: the model repository and its version policy, devices, batching,
+sessions and request limits, each with the sentence `recur serve --help` shows.
 
 The server's own settings (ports, TLS, drain) extend these in serving/config.py, where
 every field also becomes a flag, an environment variable and a TOML key.
@@ -7,10 +7,9 @@ every field also becomes a flag, an environment variable and a TOML key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
-
-from serving.engine.repository import VersionPolicy
 
 
 def setting(default: Any, help: str, group: str) -> Any:
@@ -19,6 +18,40 @@ def setting(default: Any, help: str, group: str) -> Any:
 
 
 MODELS, BATCHING, SESSIONS, LIMITS = "models", "batching", "sessions", "request limits"
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """`latest:N`, `all` or `specific:V1,V2,...`."""
+
+    kind: str = "latest"
+    count: int = 1
+    versions: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        kind, _, argument = text.strip().partition(":")
+        if kind == "all" and not argument:
+            return cls("all")
+        if kind == "latest" and re.fullmatch(r"[0-9]+", argument) and int(argument) >= 1:
+            return cls("latest", int(argument))
+        if kind == "specific" and re.fullmatch(r"[0-9]+(,[0-9]+)*", argument):
+            return cls("specific", versions=frozenset(int(v) for v in argument.split(",")))
+        raise ValueError(f"version_policy must be 'latest:N' (N >= 1), 'all' or "
+                         f"'specific:V1,V2,...'; got {text!r}")
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest:{self.count}"
+        if self.kind == "specific":
+            return "specific:" + ",".join(map(str, sorted(self.versions)))
+        return "all"
+
+    def wanted(self, version: int, taken: int) -> bool:
+        """Whether to serve `version`, given that `taken` higher versions are served."""
+        if self.kind == "latest":
+            return taken < self.count
+        return self.kind == "all" or version in self.versions
 
 
 @dataclass(frozen=True)

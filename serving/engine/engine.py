@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Sequence
 import numpy as np
 
 from serving.engine import operations
-from serving.engine.config import EngineConfig
+from serving.engine.config import EngineConfig, VersionPolicy
 from serving.engine.decoding import (
     WRITE_AHEAD,
     CompletionParams,
@@ -33,7 +33,7 @@ from serving.engine.decoding import (
 from serving.engine.errors import FailedPrecondition, InvalidArgument, LimitExceeded, NotFound
 from serving.engine.inputs import Encoded, Input, encode, encode_all
 from serving.engine.metrics import Metrics
-from serving.engine.repository import LoadedModel, ModelRepository, VersionPolicy
+from serving.engine.repository import LoadedModel, ModelRepository
 from serving.engine.results import (
     Classified,
     ModelId,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.engine.config import VersionPolicy
 from serving.engine.errors import InvalidArgument, NotFound
 from serving.engine.metrics import Metrics
 from serving.engine.scheduler import BatchLimits, Scheduler
@@ -32,40 +33,6 @@ from serving.model.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 TASK_NAMES = {"lm": "a language model", "tag": "a tagger", "classify": "a classifier"}
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """`latest:N`, `all` or `specific:V1,V2,...`."""
-
-    kind: str = "latest"
-    count: int = 1
-    versions: frozenset[int] = frozenset()
-
-    @classmethod
-    def parse(cls, text: str) -> VersionPolicy:
-        kind, _, argument = text.strip().partition(":")
-        if kind == "all" and not argument:
-            return cls("all")
-        if kind == "latest" and re.fullmatch(r"[0-9]+", argument) and int(argument) >= 1:
-            return cls("latest", int(argument))
-        if kind == "specific" and re.fullmatch(r"[0-9]+(,[0-9]+)*", argument):
-            return cls("specific", versions=frozenset(int(v) for v in argument.split(",")))
-        raise ValueError(f"version_policy must be 'latest:N' (N >= 1), 'all' or "
-                         f"'specific:V1,V2,...'; got {text!r}")
-
-    def __str__(self) -> str:
-        if self.kind == "latest":
-            return f"latest:{self.count}"
-        if self.kind == "specific":
-            return "specific:" + ",".join(map(str, sorted(self.versions)))
-        return "all"
-
-    def wanted(self, version: int, taken: int) -> bool:
-        """Whether to serve `version`, given that `taken` higher versions are served."""
-        if self.kind == "latest":
-            return taken < self.count
-        return self.kind == "all" or version in self.versions
 
 
 @dataclass(eq=False)
