@@ -166,8 +166,37 @@ def test_token_ids_typed_contents_and_encoders(server):
         name="TOKEN_IDS", datatype="INT64", shape=[1, 3],
         contents=v2.InferTensorContents(int64_contents=[1, 2]))]},
      grpc.StatusCode.INVALID_ARGUMENT, "2 values for shape [1, 3]"),
+    ({"model_name": "demo-lm", "inputs": [v2.ModelInferRequest.InferInputTensor(
+        name="TOKEN_IDS", datatype="INT64", shape=[2, 2],
+        contents=v2.InferTensorContents(int64_contents=[1, 2, 3, 10**6]))]},
+     grpc.StatusCode.INVALID_ARGUMENT, "inputs[TOKEN_IDS][1][1]: token id 1000000"),
+    ({"model_name": "tagger-bi", **text_tensor("w1", "")}, grpc.StatusCode.INVALID_ARGUMENT,
+     "inputs[TEXT][1]: empty text"),
+    ({"model_name": "demo-lm", **text_tensor("w1"),
+      "outputs": [v2.ModelInferRequest.InferRequestedOutputTensor(name="TAGS")]},
+     grpc.StatusCode.INVALID_ARGUMENT, "outputs[0].name: demo-lm/1 has no output 'TAGS'"),
 ])
 def test_bad_requests_are_named(server, fields, field, message):
     with pytest.raises(grpc.RpcError) as caught:
         infer(server, **fields)
     assert caught.value.code() == field and message in caught.value.details()
+
+
+def test_a_refused_request_leaves_its_sequence_as_it_was(server):
+    """The request is checked whole (here: an output the model does not have) before its
+    words are read into the sequence."""
+    def step(text: str, start: bool = False, outputs=()) -> v2.ModelInferResponse:
+        request = v2.ModelInferRequest(model_name="demo-lm", **text_tensor(text),
+                                       outputs=[v2.ModelInferRequest.InferRequestedOutputTensor(
+                                           name=name) for name in outputs])
+        request.parameters["sequence_id"].uint64_param = 41
+        request.parameters["sequence_start"].bool_param = start
+        return infer(server, **{f.name: v for f, v in request.ListFields()})
+
+    step("the old", start=True)
+    with pytest.raises(grpc.RpcError) as caught:
+        step("cat", outputs=["TAGS"])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = np.frombuffer(step("dogs").raw_output_contents[0], "<f4")
+    (whole,) = server.client.score("demo-lm", ["the old dogs"], add_eos=False)
+    np.testing.assert_allclose(after, [whole.tokens[2].logprob], atol=1e-5)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("recur", "serving", "training", "bench")
+PACKAGES = ("recur", "serving", "training", "bench", "tools")
 ADAPTERS = ("recur_v1", "inference_v2", "health", "reflection")
 PROTOCOL = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.protobuf",
             "google.rpc", "serving.proto_gen", "serving.api", "serving.server",
@@ -80,24 +80,47 @@ def test_the_model_contract_needs_only_numpy_and_onnxruntime():
 
 
 def test_the_engine_speaks_no_protocol():
-    for module, imported in GRAPH.items():
+    for module in GRAPH:
         if under(module, "serving.engine"):
-            for name in imported:
+            for name in GRAPH[module] | reachable(module):
                 assert not any(under(name, p) for p in PROTOCOL), f"{module} imports {name}"
                 if under(name, "serving"):
                     assert under(name, "serving.engine") or under(name, "serving.model"), (
                         f"{module} imports {name}")
 
 
+def reachable(module: str) -> set[str]:
+    """The project's modules `module` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for name in GRAPH.get(todo.pop(), ()):
+            if name in MODULES and name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
+
+
 def test_no_adapter_imports_another():
-    for module, imported in GRAPH.items():
+    for module in GRAPH:
         for adapter in ADAPTERS:
             if under(module, f"serving.api.{adapter}"):
-                for name in imported:
+                for name in reachable(module):
                     others = [a for a in ADAPTERS if a != adapter]
                     assert not any(under(name, f"serving.api.{o}") for o in others), (
-                        f"{module} imports {name}")
-                    assert not under(name, "serving.server"), f"{module} imports {name}"
+                        f"{module} reaches {name}")
+                    assert not under(name, "serving.server"), f"{module} reaches {name}"
+
+
+def test_adapters_use_the_engine_not_its_parts():
+    """Through Engine and its model handles: an adapter that drove a scheduler or a
+    runtime itself would skip admission, batching and the versions' accounting."""
+    internals = {"scheduler", "runtime", "repository", "sessions", "token_keys"}
+    for module, path in MODULES.items():
+        if under(module, "serving.api"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute):
+                    assert node.attr not in internals, (
+                        f"{path.name}:{node.lineno} uses .{node.attr}")
 
 
 def test_training_imports_only_the_model_contract_from_serving():

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from serving_helpers import RunningServer
 
@@ -97,28 +98,71 @@ def publish(source: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def test_an_unloaded_version_finishes_its_requests_and_closes_its_sessions(model_repository,
-                                                                           tmp_path):
+def test_a_rollout_lets_the_old_version_finish_what_it_holds(model_repository, tmp_path):
+    """While a new version takes over, the old one finishes what it holds: a completion
+    in flight runs to its end there, a ScoreStream and a V2 sequence that name no version
+    carry on, a session goes on there for up to a session TTL and then ends; then the old
+    version is released."""
+    from serving.api.inference_v2.tensors import encode_bytes
+    from serving.proto_gen.inference import grpc_service_pb2 as v2
+    from serving.proto_gen.inference import grpc_service_pb2_grpc as v2_grpc
+
     publish(model_repository / "endless" / "1", tmp_path / "endless" / "1")
-    server = RunningServer(tmp_path, repository_poll_s=0.05, max_completion_tokens=5000)
+    server = RunningServer(tmp_path, repository_poll_s=0.05, max_completion_tokens=5000,
+                           session_ttl_s=2.0, stream_window=1)
+    infer = v2_grpc.GRPCInferenceServiceStub(server.channel).ModelInfer
+
+    def sequence_step(text: str, start: bool = False) -> v2.ModelInferResponse:
+        request = v2.ModelInferRequest(model_name="endless", inputs=[
+            v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1, 1])],
+            raw_input_contents=[encode_bytes([text.encode()])])
+        request.parameters["sequence_id"].uint64_param = 7
+        request.parameters["sequence_start"].bool_param = start
+        return infer(request, timeout=30)
+
     try:
         old = server.server.engine.model("endless")
         session = server.client.create_session("endless", "w3 w4")
+        assert sequence_step("w3 w4", start=True).model_version == "1"
         events = server.client.complete("endless", "w3", seed=0, max_tokens=3000)
         first = next(events)  # in flight on version 1
+        gate = threading.Event()
+
+        def groups():
+            for number in range(6):
+                if number == 2:
+                    gate.wait(30)  # the rest come during and after the rollout
+                yield str(number), ["w3 w4 w5"]
+
+        stream = server.client.score_stream("endless", groups(), timeout=60)
+        assert next(stream).id == "0"
         publish(model_repository / "endless" / "1", tmp_path / "endless" / "2")
-        wait_for(lambda: server.client.score("endless", ["w3"])[0] is not None and
-                 {m.version for m in server.client.list_models() if m.name == "endless"}
-                 == {2})
+        wait_for(lambda: {m.version for m in server.client.list_models()
+                          if m.name == "endless"} == {2})
+        # the session goes on on version 1 (its drain lasts a session TTL, 2 s)
+        assert server.client.append(session.session_id, "w5").position == 3
+        gate.set()
+        assert [result.id for result in stream] == ["1", "2", "3", "4", "5"]
         rest = list(events)  # the completion runs to its end on version 1
         assert first.token is not None and len(rest) == 3000
         assert rest[-1].finish_reason == "length" and rest[-1].model.version == 1
+        continued = sequence_step("w5")  # the sequence goes on where it started
+        assert continued.model_version == "1"
+        assert np.frombuffer(continued.raw_output_contents[1], "<i8").tolist() == [1]
+        ended, deadline = None, time.monotonic() + 20
+        while ended is None and time.monotonic() < deadline:
+            try:  # kept busy, it still ends when the drain does
+                server.client.append(session.session_id, "w5")
+            except grpc.RpcError as error:
+                ended = error
+            time.sleep(0.2)
+        assert ended is not None and ended.code() == grpc.StatusCode.NOT_FOUND
+        assert "was unloaded" in ended.details()
+        assert server.metric("recur_session_evictions_total", reason="unloaded") >= 1
         wait_for(lambda: old.scheduler.closed and old.runtime.session is None)
-        with pytest.raises(grpc.RpcError) as caught:
-            server.client.append(session.session_id, "w5")
-        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "was unloaded" in caught.value.details()
-        assert server.metric("recur_session_evictions_total", reason="unloaded") == 1
+        with pytest.raises(grpc.RpcError) as unknown:
+            server.client.score("endless", ["w3"], version=1)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         shutil.rmtree(tmp_path / "endless" / "2")  # its folder gone: back to version 1
         wait_for(lambda: {m.version for m in server.client.list_models()
                           if m.name == "endless"} == {1})

@@ -110,17 +110,29 @@ def test_cancelled_streams_leave_no_task_behind(model_repository, caplog):
     """A Converse or ModelStreamInfer stream cancelled by its client while the server waits
     for its next message: nothing is left to fail later ("Task exception was never
     retrieved")."""
+    from serving.api.inference_v2.tensors import encode_bytes
+    from serving.proto_gen.inference import grpc_service_pb2 as v2
+    from serving.proto_gen.inference import grpc_service_pb2_grpc as v2_grpc
+
     server = RunningServer(model_repository)
+    first_messages = {
+        "converse": pb.ConverseRequest(model=pb.ModelRef(name="demo-lm"),
+                                       input=pb.Input(text="the")),
+        "v2": v2.ModelInferRequest(model_name="demo-lm", inputs=[
+            v2.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES",
+                                                  shape=[1, 1])],
+            raw_input_contents=[encode_bytes([b"the"])])}
+    streams = {"converse": server.client.language_model.Converse,
+               "v2": v2_grpc.GRPCInferenceServiceStub(server.channel).ModelStreamInfer}
     try:
-        for _ in range(20):
+        for kind in ("converse", "v2") * 10:
             gate = threading.Event()
 
-            def requests(gate=gate):
-                yield pb.ConverseRequest(model=pb.ModelRef(name="demo-lm"),
-                                         input=pb.Input(text="the"))
+            def requests(gate=gate, first=first_messages[kind]):
+                yield first
                 gate.wait(5)
 
-            call = server.client.language_model.Converse(requests(), timeout=30)
+            call = streams[kind](requests(), timeout=30)
             next(call)  # the server now waits for the stream's next message
             call.cancel()
             gate.set()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.engine.errors import shutting_down
+from serving.engine.errors import Unavailable, shutting_down
 from serving.engine.metrics import Metrics
 from serving.engine.repository import LoadedModel
 from serving.model.sampler import SamplingParams, sample_next
@@ -91,9 +91,12 @@ class Stops:
 
 
 class CompletionStream:
-    """The events of one completion, in order, as an async iterator. An error of the
-    decoding loop (the server shutting down, a failed batch) is raised after the events
-    produced before it. `cancel` stops the loop: its pending steps are dropped."""
+    """The events of one completion, in order, as an async iterator; close it when done
+    with it (`async with stream:`, or `cancel()`), which stops the decoding loop and drops
+    its pending steps. An error of the loop (the server shutting down, a failed batch) is
+    raised after the events produced before it; a loop stopped from outside (its steps
+    dropped when its model was unloaded) ends the stream with Unavailable, never as if it
+    had finished."""
 
     _END = object()
 
@@ -101,6 +104,7 @@ class CompletionStream:
                  limit: int):
         self._queue: asyncio.Queue = asyncio.Queue()  # bounded by _room, so _END always fits
         self._room = asyncio.Semaphore(limit)
+        self._cancelled = False
         self._task = asyncio.ensure_future(produce(self._emit))
         self._task.add_done_callback(lambda _: self._queue.put_nowait(self._END))
 
@@ -115,14 +119,30 @@ class CompletionStream:
         item = await self._queue.get()
         if item is self._END:
             self._queue.put_nowait(self._END)  # every later call ends too
-            if not self._task.cancelled() and self._task.exception() is not None:
+            if self._task.cancelled():
+                if self._cancelled:
+                    raise StopAsyncIteration
+                raise Unavailable("the completion was stopped before it finished (its model "
+                                  "version was unloaded, or the server is shutting down)")
+            if self._task.exception() is not None:
                 raise self._task.exception()
             raise StopAsyncIteration
         self._room.release()
         return item
 
     def cancel(self) -> None:
-        self._task.cancel()
+        self._cancelled = True
+        if self._task.done():
+            if not self._task.cancelled():
+                self._task.exception()  # taken: an error nobody will read is not logged
+        else:
+            self._task.cancel()
+
+    async def __aenter__(self) -> CompletionStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.cancel()
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
         """`callback()` once the decoding loop has ended, however it ended."""

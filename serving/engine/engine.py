@@ -63,10 +63,13 @@ class Engine:
         self.repository = ModelRepository(config.model_repository, config.device,
                                           config.threads, config.allow_cpu_fallback, limits,
                                           self.metrics, config.spin_threads,
-                                          VersionPolicy.parse(config.version_policy))
+                                          VersionPolicy.parse(config.version_policy),
+                                          drain_s=config.session_ttl_s)
         self.sessions = SessionStore(config.session_ttl_s, config.max_sessions,
                                      config.max_session_bytes, self.metrics)
-        self.repository.on_unload = self.sessions.remove_model
+        # a retired version serves its open sessions for up to a session TTL
+        self.repository.sessions_on = self.sessions.count_on
+        self.repository.on_release = self.sessions.remove_model
         self.closing = asyncio.Event()  # set when open streams must end
         self._background: list[asyncio.Task] = []
 
@@ -97,8 +100,13 @@ class Engine:
     def models(self) -> list[LoadedModel]:
         return self.repository.all()
 
+    def versions(self, name: str) -> list[int]:
+        """The versions of `name` served, in order."""
+        return self.repository.versions(name)
+
     # -- scoring --------------------------------------------------------------------------
-    def prepare_scores(self, model: LoadedModel, inputs: Sequence[Input], add_eos: bool = True,
+    def prepare_scores(self, model: LoadedModel, inputs: Sequence[Input | None],
+                       add_eos: bool = True,
                        field: str = "inputs") -> list[Encoded]:
         """Checks and tokenizes a scoring request. With add_eos an empty text is a sentence
         too: only its `<eos>` is scored."""
@@ -114,7 +122,8 @@ class Engine:
         with model.in_use():
             return await _gather(*(self._score_one(model, e, add_eos) for e in encoded))
 
-    async def score(self, model: LoadedModel, inputs: Sequence[Input], add_eos: bool = True,
+    async def score(self, model: LoadedModel, inputs: Sequence[Input | None],
+                    add_eos: bool = True,
                     field: str = "inputs") -> list[Scored]:
         """Each input's per-token log-probs under the scoring convention (read from the
         state after `<eos>`; with add_eos its final `<eos>` is scored too)."""
@@ -132,19 +141,20 @@ class Engine:
         return Scored(ids.tolist(), words, logprobs, encoded.unknown, math.fsum(logprobs))
 
     # -- tagging and classification -------------------------------------------------------
-    async def tag(self, model: LoadedModel, inputs: Sequence[Input],
+    async def tag(self, model: LoadedModel, inputs: Sequence[Input | None],
                   field: str = "inputs") -> list[Tagged]:
-        labels = model.runtime.labels.names
+        labels = model.labels
         return [tagged(e.words, logprobs, labels)
                 for e, logprobs in await self._encode_texts(model, "tag", inputs, field)]
 
-    async def classify(self, model: LoadedModel, inputs: Sequence[Input],
+    async def classify(self, model: LoadedModel, inputs: Sequence[Input | None],
                        field: str = "inputs") -> list[Classified]:
-        labels = model.runtime.labels.names
+        labels = model.labels
         return [Classified(labels, logprobs)
                 for _, logprobs in await self._encode_texts(model, "classify", inputs, field)]
 
-    async def _encode_texts(self, model: LoadedModel, task: str, inputs: Sequence[Input],
+    async def _encode_texts(self, model: LoadedModel, task: str,
+                            inputs: Sequence[Input | None],
                             field: str) -> list[tuple[Encoded, np.ndarray]]:
         if model.task != task:
             model = self.model(model.name, model.version, task)  # raises, naming the task
@@ -175,21 +185,22 @@ class Engine:
         params = self._completion_params(model, max_tokens, temperature, top_k, top_p, n,
                                          seed, stop, stop_token_ids)
         ids = encode(prompt, model.vocab, self.config.max_tokens_per_sequence,
-                     allow_empty=True).ids
-        model.acquire()
+                     allow_empty=True, optional=True).ids
+        model.acquire()  # released when the decoding loop ends, however it ends
         try:
             start = await operations.read_prompt(model, ids, self.config.chunk_tokens)
+            self.metrics.tokens.labels(model.label, "prompt").inc(len(ids))
+            active = [Sample(i, make_rng(params.seed, i), start.state, start.next_logprobs,
+                             params.sampling) for i in range(params.samples)]
+
+            def produce(emit) -> Awaitable[None]:
+                return decode(model, params, active, emit, self.metrics, self.closing,
+                              started)
+
+            stream = CompletionStream(produce, WRITE_AHEAD * params.samples)
         except BaseException:
             model.release()
             raise
-        self.metrics.tokens.labels(model.label, "prompt").inc(len(ids))
-        active = [Sample(i, make_rng(params.seed, i), start.state, start.next_logprobs,
-                         params.sampling) for i in range(params.samples)]
-
-        def produce(emit) -> Awaitable[None]:
-            return decode(model, params, active, emit, self.metrics, self.closing, started)
-
-        stream = CompletionStream(produce, WRITE_AHEAD * params.samples)
         stream.add_done_callback(model.release)
         return stream
 
@@ -235,7 +246,7 @@ class Engine:
             raise InvalidArgument("model", why_not)
         self._check_top_k(top_k, model)
         encoded = encode(prefix, model.vocab, self.config.max_tokens_per_sequence,
-                         allow_empty=True)
+                         allow_empty=True, optional=True)
         with model.in_use():
             if model.task == "lm":
                 state, next_logprobs = model.start_state, model.start_logprobs
@@ -264,12 +275,15 @@ class Engine:
         model = session.model
         self._check_top_k(top_k, model)
         encoded = encode(item, model.vocab, self.config.max_tokens_per_sequence,
-                         allow_empty=allow_empty, field=field)
+                         allow_empty=allow_empty, optional=allow_empty, field=field)
         with model.in_use():
             return await self._append(session, encoded, top_k)
 
     def close_session(self, session_id: str) -> None:
         self.sessions.close(session_id)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self.sessions
 
     def session_model(self, session_id: str) -> LoadedModel:
         """The model a held session runs on (NotFound saying why it is not held)."""
@@ -381,9 +395,9 @@ def _describe(result: SessionStep, model: LoadedModel, encoded: Encoded,
         result.scored = Scored(encoded.ids.tolist(), list(encoded.words), logprobs,
                                encoded.unknown, math.fsum(logprobs))
     elif model.task == "tag":
-        result.tagged = tagged(list(encoded.words), outputs, model.runtime.labels.names)
+        result.tagged = tagged(list(encoded.words), outputs, model.labels)
     else:
-        result.classified = Classified(model.runtime.labels.names, outputs)
+        result.classified = Classified(model.labels, outputs)
 
 
 async def _gather(*awaitables: Awaitable) -> list:

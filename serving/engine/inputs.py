@@ -33,14 +33,17 @@ class Encoded:
     unknown: int  # words mapped to <unk>
 
 
+MISSING = "give a text or token ids"
+
+
 def encode(item: Input | None, vocab: Vocabulary, max_tokens: int, allow_empty: bool = False,
-           field: str = "input") -> Encoded:
-    """`allow_empty`: an empty text or id list (or no input at all) reads as no tokens.
-    `field` names a missing input."""
+           optional: bool = False, field: str = "input") -> Encoded:
+    """`allow_empty`: an empty text or id list reads as no tokens; `optional`: so does no
+    input at all (None), which is otherwise an error naming `field`."""
     if item is None:
-        if allow_empty:
+        if optional:
             return Encoded(np.zeros(0, np.int64), [], 0)
-        raise InvalidArgument(field, "required")
+        raise InvalidArgument(field, MISSING)
     part = item.part or item.field
     if item.text is not None:
         words = vocab.normalization.tokenize(item.text)
@@ -67,12 +70,15 @@ def encode(item: Input | None, vocab: Vocabulary, max_tokens: int, allow_empty: 
     return Encoded(ids, words, unknown)
 
 
-def encode_all(items: Sequence[Input], vocab: Vocabulary, field: str, max_sequences: int,
-               max_tokens: int, allow_empty: bool = False) -> list[Encoded]:
+def encode_all(items: Sequence[Input | None], vocab: Vocabulary, field: str,
+               max_sequences: int, max_tokens: int, allow_empty: bool = False
+               ) -> list[Encoded]:
     """The inputs of one request (`field` names their list): at least one, at most
-    `max_sequences`, each checked as `encode` does."""
+    `max_sequences`, each given (None is an error naming `field[i]`) and checked as
+    `encode` does."""
     if len(items) == 0:
         raise InvalidArgument(field, "at least one sequence is required")
     if len(items) > max_sequences:
         raise LimitExceeded("max_sequences_per_request", len(items), max_sequences, field)
-    return [encode(item, vocab, max_tokens, allow_empty) for item in items]
+    return [encode(item, vocab, max_tokens, allow_empty, field=f"{field}[{i}]")
+            for i, item in enumerate(items)]

@@ -62,13 +62,14 @@ class Metrics:
                  "classify": ("classified",)}[task]
         for kind in kinds:
             self.tokens.labels(label, kind)
-        self.queue_depth.labels(label).set(0)
-        self.sessions.labels(label).set(0)
+        self.queue_depth.labels(label)  # at zero when new; a draining same-label version's
+        self.sessions.labels(label)  # sessions still count
         self.executed_tokens.labels(label)
 
     def remove_model(self, label: str, name: str, version: int, task: str, cell: str,
                      device: str) -> None:
-        """Drops an unloaded version's series, so dashboards stop showing it."""
+        """Drops an unloaded version's gauges and info, so dashboards stop showing it
+        (counters and histograms stay: rates over them fall to zero)."""
         self.model_info.remove(name, str(version), task, cell, device)
         for gauge in (self.queue_depth, self.sessions):
             gauge.remove(label)

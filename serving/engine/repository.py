@@ -4,11 +4,12 @@ highest version served.
 
 Which versions are served is the version policy, as in Triton: the latest N (default 1),
 all, or specific ones. `refresh` (at start, and every `repository_poll_s` while serving)
-loads versions that enter the policy and unloads those that leave it or whose folder is
-gone: an unloaded version takes no new requests at once, and is released (its sessions,
-its scheduler's thread, its ONNX Runtime session) when its requests in flight finish. A
-version that fails to load is skipped (logged once, retried at the next look), so a
-half-copied new version never takes the serving one down.
+loads versions that enter the policy and retires those that leave it or whose folder is
+gone. A retired version is found by no new lookup, but finishes the requests it holds and
+goes on serving the sessions open on it, for at most `drain_s` (the session TTL); then
+those sessions end and the version is released: its scheduler's thread and its ONNX
+Runtime session. A version that fails to load is skipped (logged once, retried at the next
+look), so a half-copied new version never takes the serving one down.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import ctypes
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +47,10 @@ class LoadedModel:
     start_state: np.ndarray | None = field(default=None, repr=False)
     start_logprobs: np.ndarray | None = field(default=None, repr=False)
     latest: bool = False
-    active: int = 0  # requests in flight
-    retired: bool = False  # left the policy: takes no new requests
-    _drained: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    active: int = 0  # requests holding it (acquire .. release)
+    retired: bool = False  # left the policy: no new lookup finds it
+    released: bool = False  # unloaded: takes nothing more
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def label(self) -> str:
@@ -60,6 +63,29 @@ class LoadedModel:
     @property
     def vocab(self):
         return self.runtime.vocab
+
+    @property
+    def labels(self) -> list[str]:
+        """Tag or class names, in the order of the model's outputs ([] for a language
+        model)."""
+        return self.runtime.labels.names if self.runtime.labels else []
+
+    @property
+    def metadata(self) -> dict:
+        return self.runtime.artifact.metadata
+
+    @property
+    def device(self) -> str:
+        return self.runtime.device
+
+    @property
+    def device_id(self) -> int:
+        return self.runtime.device_id
+
+    @property
+    def providers(self) -> list[str]:
+        """The ONNX Runtime execution providers actually active."""
+        return self.runtime.providers
 
     @property
     def sessions_allowed(self) -> str | None:
@@ -77,16 +103,18 @@ class LoadedModel:
         return self.runtime.initial_state(1)[:, 0]
 
     def acquire(self) -> None:
-        """Holds the version loaded for one request; a retired version takes none."""
-        if self.retired:
+        """Holds the version loaded for one request: from its lookup (or its session) until
+        its work is done. A released version takes none."""
+        if self.released:
             raise NotFound(f"model {self.label} was unloaded (it left the version policy, or "
                            "its folder is gone)", "MODEL_UNLOADED", model=self.name)
         self.active += 1
+        self._idle.clear()
 
     def release(self, *_) -> None:
         self.active -= 1
-        if self.retired and self.active == 0:
-            self._drained.set()
+        if self.active == 0:
+            self._idle.set()
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[LoadedModel]:
@@ -96,15 +124,17 @@ class LoadedModel:
         finally:
             self.release()
 
-    async def drained(self) -> None:
+    async def idle(self) -> None:
+        """Returns when no request holds the version."""
         if self.active:
-            await self._drained.wait()
+            await self._idle.wait()
 
 
-def _return_freed_memory() -> None:
-    """Gives the heap's free pages back to the system (glibc's malloc_trim), so that a
-    process's resident memory falls when a version is unloaded instead of staying at its
-    high-water mark. Elsewhere nothing is done."""
+def _free(model: LoadedModel) -> None:
+    """Closes the version's ONNX Runtime session now (references in cycles would keep it
+    until a full garbage collection), then gives the heap's free pages back to the system
+    (glibc's malloc_trim; elsewhere nothing), so that resident memory falls."""
+    model.runtime.close()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -112,21 +142,27 @@ def _return_freed_memory() -> None:
 class ModelRepository:
     def __init__(self, root: str | Path, device: str, threads: int, allow_cpu_fallback: bool,
                  limits: BatchLimits, metrics: Metrics, spin_threads: bool = False,
-                 policy: VersionPolicy | None = None):
+                 policy: VersionPolicy | None = None, drain_s: float = 600.0):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root}: no such directory")
         self.device, self.threads, self.spin_threads = device, threads, spin_threads
         self.allow_cpu_fallback, self.limits, self.metrics = allow_cpu_fallback, limits, metrics
         self.policy = policy or VersionPolicy()
+        self.drain_s = drain_s
         self.models: dict[str, dict[int, LoadedModel]] = {}
-        self._refused: dict[Path, str] = {}  # versions that failed to load while serving
-        self._unloading: set[asyncio.Task] = set()
-        # called with each unloaded version once its requests are done (the engine closes
-        # its sessions there)
-        self.on_unload: Callable[[LoadedModel], None] = lambda model: None
+        self._refused: dict[Path, int] = {}  # versions that failed to load: failed attempts
+        self.retiring: set[LoadedModel] = set()  # retired, not yet released
+        self._releases: set[asyncio.Task] = set()
+        # set by the engine: how many sessions a version holds, and what to do with them
+        # when it is released
+        self.sessions_on: Callable[[LoadedModel], int] = lambda model: 0
+        self.on_release: Callable[[LoadedModel], None] = lambda model: None
+        self._warned: set[str] = set()
         self.started = False
-        for name, version, path in self._wanted(self._scan()):
+        scanned = self._scan()
+        self._warn_unserved(scanned)
+        for name, version, path in self._wanted(scanned):
             self._add(self._load(name, version, path))  # at start, a broken artifact stops
         if not self.models:
             raise FileNotFoundError(f"model repository {self.root}: no models (expected "
@@ -154,6 +190,16 @@ class ModelRepository:
                 if self.policy.wanted(version, taken):
                     taken += 1
                     yield name, version, path
+
+    def _warn_unserved(self, scanned: dict[str, list[tuple[int, Path]]]) -> None:
+        """Once per model: one whose versions the policy (`specific:`) serves none of."""
+        for name, versions in scanned.items():
+            if name not in self._warned and not any(
+                    self.policy.wanted(v, 0) for v, _ in versions):
+                log.warning("%s: none of its versions (%s) is in the version policy %s; "
+                            "not served", name, ", ".join(str(v) for v, _ in versions),
+                            self.policy)
+                self._warned.add(name)
 
     def _load(self, name: str, version: int, path: Path) -> LoadedModel:
         runtime = ModelRuntime(load_artifact(path), self.device, self.threads,
@@ -186,6 +232,7 @@ class ModelRepository:
         the labels loaded. A version that fails to load (still being copied, or corrupt) is
         logged once and retried at the next refresh."""
         scanned = await asyncio.to_thread(self._scan)
+        self._warn_unserved(scanned)
         fresh: list[LoadedModel] = []
         wanted: set[tuple[str, int]] = set()
         # highest first, until the policy is satisfied by versions that do load
@@ -212,15 +259,18 @@ class ModelRepository:
         try:
             model = await asyncio.to_thread(self._load, name, version, path)
         except Exception as error:  # noqa: BLE001 (any failure: skip it, keep serving)
-            if self._refused.get(path) != str(error):
-                log.warning("%s: not loaded: %s", path, error)
-                self._refused[path] = str(error)
+            attempts = self._refused.get(path, 0)
+            if attempts == 0:  # once: a copy in progress fails differently at every look
+                log.warning("%s: not loaded (retried at every look): %s", path, error)
+            self._refused[path] = attempts + 1
             return None
-        self._refused.pop(path, None)
+        if attempts := self._refused.pop(path, 0):
+            log.info("%s: loaded after %d failed attempts", path, attempts)
         return model
 
     def unload(self, model: LoadedModel) -> None:
-        """Takes the version out of service now; releases it once its requests finish."""
+        """Retires the version now (no new lookup finds it); releases it once it is idle
+        and its sessions are gone, or `drain_s` from now."""
         versions = self.models.get(model.name, {})
         if versions.get(model.version) is not model:
             return
@@ -229,22 +279,35 @@ class ModelRepository:
             del self.models[model.name]
         self._mark_latest(model.name)
         model.retired = True
-        if model.active == 0:
-            model._drained.set()
+        self.retiring.add(model)
         task = asyncio.get_running_loop().create_task(self._release(model))
-        self._unloading.add(task)
-        task.add_done_callback(self._unloading.discard)
-        log.info("unloading %s (version policy %s)", model.label, self.policy)
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+        log.info("retiring %s (version policy %s)", model.label, self.policy)
 
     async def _release(self, model: LoadedModel) -> None:
-        await model.drained()
-        self.on_unload(model)
+        deadline = time.monotonic() + self.drain_s
+        while True:
+            await model.idle()
+            if model.active:  # a session's request began as the last one ended
+                continue
+            left = deadline - time.monotonic()
+            if self.sessions_on(model) == 0 or left <= 0:
+                break
+            await asyncio.sleep(min(1.0, left))
+        await self._close(model)  # no await before it marks the version released
+
+    async def _close(self, model: LoadedModel) -> None:
+        model.released = True  # from here every acquire fails: nothing new can start
+        self.retiring.discard(model)
+        self.on_release(model)
         await model.scheduler.close()
-        model.runtime.close()  # now: references in cycles would keep it until a full gc
-        _return_freed_memory()
-        meta = model.runtime.artifact.metadata
-        self.metrics.remove_model(model.label, model.name, model.version, model.task,
-                                  meta["cell"], model.runtime.device)
+        # the session's and the heap's memory go back off the event loop's thread
+        await asyncio.to_thread(_free, model)
+        if model.version not in self.models.get(model.name, {}):  # not served again since
+            meta = model.runtime.artifact.metadata
+            self.metrics.remove_model(model.label, model.name, model.version, model.task,
+                                      meta["cell"], model.runtime.device)
         log.info("unloaded %s", model.label)
 
     async def refresh_forever(self, interval_s: float) -> None:
@@ -293,7 +356,7 @@ class ModelRepository:
             model.scheduler.start()
 
     async def close(self) -> None:
-        for task in list(self._unloading):
+        for task in list(self._releases):
             task.cancel()
-        for model in self.all():
+        for model in [*self.all(), *self.retiring]:
             await model.scheduler.close()

@@ -217,6 +217,15 @@ class Scheduler:
         return batch
 
     def _execute(self, batch: Sequence[Step]) -> list[StepResult]:
+        started = time.perf_counter()
+        results = self._run(batch)
+        if len(batch) == 1 and len(batch[0].tokens) == 1:  # all of it: the call, the draw
+            seconds, previous = time.perf_counter() - started, self.lone_step_s
+            self.lone_step_s = (seconds if previous is None
+                                else previous + _SMOOTHING * (seconds - previous))
+        return results
+
+    def _run(self, batch: Sequence[Step]) -> list[StepResult]:
         """Pads the steps into one [B, T] call."""
         width = max(len(step.tokens) for step in batch)
         tokens = np.zeros((len(batch), width), np.int64)
@@ -226,13 +235,11 @@ class Scheduler:
         state = (np.stack([step.state for step in batch], axis=1)
                  if batch[0].state is not None else None)
         self._executed.inc(int(lengths.sum()))
-        started = time.perf_counter()
         if self.runtime.task == "lm":
             targets = np.zeros_like(tokens)
             for row, step in enumerate(batch):
                 targets[row, : len(step.tokens)] = step.targets
             out = self.runtime.run_lm(tokens, lengths, state, targets)
-            self._measured(tokens.shape, time.perf_counter() - started)
             new_state = out.state.numpy()
             results = [StepResult(out.token_logprobs[row, :n],
                                   None if step.sampler else out.next_logprobs[row].copy(),
@@ -247,15 +254,8 @@ class Scheduler:
                     results[row].token_logprob = float(logprobs[i, token])
             return results
         outputs, new_state = self.runtime.run_encoder(tokens, lengths, state)
-        self._measured(tokens.shape, time.perf_counter() - started)
         new_state = new_state.numpy() if new_state is not None else None
         per_token = self.runtime.task == "tag"
         return [StepResult(outputs[row, :n] if per_token else outputs[row], None,
                            None if new_state is None else new_state[:, row].copy())
                 for row, n in enumerate(lengths)]
-
-    def _measured(self, shape: tuple[int, int], seconds: float) -> None:
-        if shape == (1, 1):
-            previous = self.lone_step_s
-            self.lone_step_s = (seconds if previous is None
-                                else previous + _SMOOTHING * (seconds - previous))

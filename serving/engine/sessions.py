@@ -32,7 +32,7 @@ class Session:
     state: np.ndarray  # [L, S]
     next_logprobs: np.ndarray | None  # [V], language models
     position: int = 0
-    # What a state token carries (serving/state_tokens.py): for language models the state
+    # What a state token carries (serving/engine/state_tokens.py): for language models the state
     # before the last token read, and that token; otherwise the state and -1.
     resume_state: np.ndarray | None = None
     last_token: int = -1
@@ -54,6 +54,7 @@ class SessionStore:
         self.metrics = metrics
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._removed: OrderedDict[str, str] = OrderedDict()  # id -> expired | evicted
+        self._per_model: dict[LoadedModel, int] = {}  # sessions held on each version
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -78,6 +79,7 @@ class SessionStore:
             self._remove(session.id, None, None)
         self._removed.pop(session.id, None)
         self._sessions[session.id] = session
+        self._per_model[model] = self._per_model.get(model, 0) + 1
         self.bytes += session.nbytes
         self.metrics.sessions.labels(model.label).inc()
         while len(self._sessions) > self.max_sessions:
@@ -137,8 +139,13 @@ class SessionStore:
             self._publish()
         return len(stale)
 
+    def count_on(self, model: LoadedModel) -> int:
+        return self._per_model.get(model, 0)
+
     def remove_model(self, model: LoadedModel) -> int:
         """Removes the sessions of a version being unloaded; returns how many."""
+        if not self.count_on(model):
+            return 0
         gone = [sid for sid, s in self._sessions.items() if s.model is model]
         for session_id in gone:
             self._remove(session_id, "unloaded", "unloaded")
@@ -154,6 +161,10 @@ class SessionStore:
     # -- internals ------------------------------------------------------------------------
     def _remove(self, session_id: str, outcome: str | None, reason: str | None) -> None:
         session = self._sessions.pop(session_id)
+        if (left := self._per_model[session.model] - 1) > 0:
+            self._per_model[session.model] = left
+        else:
+            del self._per_model[session.model]
         self.bytes -= session.nbytes
         self.metrics.sessions.labels(session.model.label).dec()
         if outcome is not None:

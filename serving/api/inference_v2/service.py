@@ -92,7 +92,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         model = self._model(request.name, request.version, "name", "version")
         response = v2.ModelMetadataResponse(
             name=model.name, platform="recur_onnx",
-            versions=[str(v) for v in self.engine.repository.versions(model.name)])
+            versions=[str(v) for v in self.engine.versions(model.name)])
         for name, (datatype, dims) in INPUTS.items():
             response.inputs.add(name=name, datatype=datatype, shape=[-1, *dims])
         for name, (datatype, dims) in OUTPUTS[model.task].items():
@@ -110,10 +110,10 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                              optional=True)  # one of the two
         for name, (datatype, dims) in OUTPUTS[model.task].items():
             config.output.add(name=name, data_type=CONFIG_TYPES[datatype], dims=dims)
-        gpu = model.runtime.device.startswith("cuda")
+        gpu = model.device.startswith("cuda")
         config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU if gpu
                                   else mc.ModelInstanceGroup.KIND_CPU,
-                                  gpus=[model.runtime.device_id] if gpu else [])
+                                  gpus=[model.device_id] if gpu else [])
         delay = int(settings.max_queue_delay_ms * 1000)
         if model.sessions_allowed is None:  # a stateful model: sequences keep their state
             config.sequence_batching.max_sequence_idle_microseconds = int(
@@ -156,7 +156,8 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                                       f"{name!r} (outputs: {', '.join(outputs)})")
         sequence = _sequence_id(parameters)
         if sequence:
-            tensors_out, extra = await self._sequence_step(model, sequence, inputs, parameters)
+            model, tensors_out, extra = await self._sequence_step(
+                model, bool(request.model_version), sequence, inputs, parameters)
         else:
             tensors_out, extra = await self._stateless(model, inputs, parameters), {}
         response = v2.ModelInferResponse(model_name=model.name, model_version=str(model.version),
@@ -224,8 +225,12 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             return _tag_outputs(await self.engine.tag(model, inputs))
         return _class_outputs(await self.engine.classify(model, inputs))
 
-    async def _sequence_step(self, model: LoadedModel, sequence: str, inputs: list[Input],
-                             parameters) -> tuple[dict, dict]:
+    async def _sequence_step(self, model: LoadedModel, named: bool, sequence: str,
+                             inputs: list[Input], parameters
+                             ) -> tuple[LoadedModel, dict, dict]:
+        """(the version that served, outputs, response parameters). `named`: the request
+        named its version; one that does not goes on with the version its sequence started
+        on, through a rollout."""
         if len(inputs) != 1:
             raise InvalidArgument("inputs", f"a request of sequence {sequence} carries one "
                                   f"sequence (batch 1), got {len(inputs)}")
@@ -233,9 +238,10 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         start, end = (_bool(parameters, "sequence_start", False),
                       _bool(parameters, "sequence_end", False))
         if start:
-            if (old := self.sequences.pop(sequence, None)) and old in engine.sessions:
+            if (old := self.sequences.pop(sequence, None)) and engine.has_session(old):
                 engine.close_session(old)
             step = await engine.create_session(model, item)
+            runs_on = model
             self.sequences[sequence] = step.session_id
             while len(self.sequences) > engine.config.max_sessions:
                 self.sequences.popitem(last=False)
@@ -246,17 +252,18 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                                       "started here: its first request sets "
                                       "sequence_start=true")
             runs_on = engine.session_model(session_id)
-            if runs_on is not model:
+            if runs_on.name != model.name or runs_on.task != model.task or (
+                    named and runs_on is not model):
                 raise InvalidArgument("model_name", f"sequence {sequence} runs on "
                                       f"{runs_on.label}, not {model.label}")
             step = await engine.append(session_id, item, allow_empty=True)
         if end:
             self.sequences.pop(sequence, None)
-            if step.session_id in engine.sessions:
+            if engine.has_session(step.session_id):
                 engine.close_session(step.session_id)
         extra = ({"state_token": base64.b64encode(step.state_token).decode()}
                  if step.state_token else {})
-        return _session_outputs(model, step), extra
+        return runs_on, _session_outputs(runs_on, step), extra
 
 
 def _session_outputs(model: LoadedModel, step: SessionStep) -> dict:
@@ -268,7 +275,7 @@ def _session_outputs(model: LoadedModel, step: SessionStep) -> dict:
         return _tag_outputs([tagged])
     if step.classified is None:  # an empty first request: no distribution yet
         return {"LABEL": (np.array([[b""]], object), "BYTES"),
-                "CLASS_PROBS": (np.zeros((1, len(model.runtime.labels)), np.float32), "FP32")}
+                "CLASS_PROBS": (np.zeros((1, len(model.labels)), np.float32), "FP32")}
     return _class_outputs([step.classified])
 
 

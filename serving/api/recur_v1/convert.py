@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from serving.engine.decoding import EOS, LENGTH, STOP, FinishEvent, TokenEvent
-from serving.engine.errors import InvalidArgument
 from serving.engine.inputs import Input
 from serving.engine.repository import LoadedModel
 from serving.engine.results import Classified, ModelId, Scored, SessionStep, Tagged
@@ -13,19 +12,18 @@ FINISH_REASONS = {EOS: pb.FINISH_REASON_EOS, LENGTH: pb.FINISH_REASON_LENGTH,
                   STOP: pb.FINISH_REASON_STOP}
 
 
-def to_input(message: pb.Input, field: str, optional: bool = False) -> Input | None:
-    """A request's Input; an unset one is None where `optional`, an error otherwise."""
+def to_input(message: pb.Input, field: str) -> Input | None:
+    """A request's Input as the engine's, named as the request names it; None if unset
+    (the engine says whether that is allowed)."""
     kind = message.WhichOneof("content")
     if kind == "text":
         return Input(text=message.text, field=field, part=f"{field}.text")
     if kind == "token_ids":
         return Input(ids=message.token_ids.ids, field=field, part=f"{field}.token_ids.ids")
-    if optional:
-        return None
-    raise InvalidArgument(field, "set text or token_ids")
+    return None
 
 
-def to_inputs(messages, field: str) -> list[Input]:
+def to_inputs(messages, field: str) -> list[Input | None]:
     return [to_input(m, f"{field}[{i}]") for i, m in enumerate(messages)]
 
 

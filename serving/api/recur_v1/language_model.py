@@ -52,9 +52,14 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                     model, to_inputs(request.inputs, f"{field}: inputs"), add_eos,
                     f"{field}: inputs")
                 count = len(encoded)
-                await window.acquire(count)
-                await engine.wait_for_room(model, count)
+                # the version is held from its lookup, through the waits, to the end of
+                # the work, so that a rollout meanwhile does not unload it under us
+                with model.in_use():
+                    await window.acquire(count)
+                    await engine.wait_for_room(model, count)
+                    model.acquire()
                 work = asyncio.ensure_future(engine.score_prepared(model, encoded, add_eos))
+                work.add_done_callback(model.release)
                 ordered.put_nowait((request.id, count, work))
             ordered.put_nowait(None)
 
@@ -84,24 +89,22 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
     async def Complete(self, request: pb.CompleteRequest, context) -> None:
         model = self.engine.model(request.model.name, request.model.version, "lm")
         stream = await self.engine.complete(
-            model, to_input(request.prompt, "prompt", optional=True),
+            model, to_input(request.prompt, "prompt"),
             max_tokens=request.max_tokens,
             temperature=request.temperature if request.HasField("temperature") else 1.0,
             top_k=request.top_k, top_p=request.top_p if request.HasField("top_p") else 1.0,
             n=request.n, seed=request.seed if request.HasField("seed") else None,
             stop=list(request.stop), stop_token_ids=list(request.stop_token_ids))
-        try:
+        async with stream:
             async for event in stream:
                 await context.write(completion_message(event, model))
-        finally:
-            stream.cancel()
 
     # -- sessions -------------------------------------------------------------------------
     @rpc(SERVICE)
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.SessionResponse:
         model = self.engine.model(request.model.name, request.model.version)
         step = await self.engine.create_session(
-            model, to_input(request.prefix, "prefix", optional=True), request.top_k)
+            model, to_input(request.prefix, "prefix"), request.top_k)
         return session_response(step)
 
     @rpc(SERVICE)
@@ -124,13 +127,13 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         try:
             async for request in until_closing(requests, engine.closing):
                 if session_id is None and request.state_token:  # resume, then read the input
-                    step = await engine.append("", to_input(request.input, "input", True),
+                    step = await engine.append("", to_input(request.input, "input"),
                                                request.top_k, request.state_token,
                                                allow_empty=True)
                 elif session_id is None:
                     model = engine.model(request.model.name, request.model.version)
                     step = await engine.create_session(
-                        model, to_input(request.input, "input", optional=True), request.top_k)
+                        model, to_input(request.input, "input"), request.top_k)
                 else:
                     step = await engine.append(session_id, to_input(request.input, "input"),
                                                request.top_k)
@@ -145,7 +148,7 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                     state_token=last.state_token))
             raise
         finally:
-            if session_id is not None and session_id in engine.sessions:
+            if session_id is not None and engine.has_session(session_id):
                 engine.close_session(session_id)
 
 

@@ -16,12 +16,11 @@ class ModelsService(pb_grpc.ModelsServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         response = pb.ListModelsResponse()
         for model in self.engine.models():
-            meta, runtime = model.runtime.artifact.metadata, model.runtime
+            meta = model.metadata
             response.models.add(
                 name=model.name, version=model.version, latest=model.latest, task=model.task,
                 cell=meta["cell"], layers=meta["layers"], hidden_size=meta["hidden_size"],
-                bidirectional=meta["bidirectional"], vocab_size=len(runtime.vocab),
-                labels=runtime.labels.names if runtime.labels else [], ready=True,
-                device=runtime.device, providers=runtime.providers,
-                incremental=model.sessions_allowed is None)
+                bidirectional=meta["bidirectional"], vocab_size=len(model.vocab),
+                labels=model.labels, ready=True, device=model.device,
+                providers=model.providers, incremental=model.sessions_allowed is None)
         return response
