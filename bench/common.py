@@ -3,6 +3,9 @@ artifact with random weights. bench/report.py saves results and writes the repor
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import statistics
 import time
 from datetime import UTC, datetime
@@ -10,6 +13,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
+
+
+def cpu() -> str:
+    """The processor, its cores and last-level cache, as this machine reports them: what a
+    result depends on, recorded with it."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    shown = f"{name}, {os.cpu_count()} cores"
+    caches = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"))
+    with contextlib.suppress(OSError):
+        if caches:
+            size = caches[-1].read_text().strip()
+            if size.endswith("K") and size[:-1].isdigit():
+                size = f"{int(size[:-1]) // 1024} MB"
+            shown += f", {size} last-level cache"
+    return shown
 
 
 def now() -> str:

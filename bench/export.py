@@ -8,7 +8,6 @@ Results go to bench/results/export.json and the report (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 
 import numpy as np
@@ -17,7 +16,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from bench.common import median_ms, now
+from bench.common import cpu, median_ms, now
 from bench.report import save_results
 from training.export.builder import Dims, GraphBuilder
 from training.export.graph import build_graph
@@ -224,7 +223,7 @@ def main() -> None:
     results = [bench_one(cell, h, args.threads, args.rounds)
                for cell in args.cells.split(",") for h in sizes]
     report = {"date": now(),
-              "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads,"
+              "machine": f"{cpu()}, {args.threads} threads,"
                          f" onnxruntime {ort.__version__}, torch {torch.__version__}",
               "rounds": args.rounds, "results": results}
     save_results("export", report)

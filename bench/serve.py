@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import re
 import signal
 import statistics
@@ -28,7 +27,7 @@ import onnxruntime as ort
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import lm_artifact, now
+from bench.common import cpu, lm_artifact, now
 from bench.report import save_results
 from serving.client import RecurClient
 from serving.model.runtime import ModelRuntime
@@ -249,7 +248,7 @@ def main() -> None:
                            args.device)
     report = {
         "date": now(),
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} ONNX Runtime "
+        "machine": f"{cpu()}, {args.threads} ONNX Runtime "
                    f"threads, onnxruntime {ort.__version__}, grpcio {grpc.__version__}",
         "device": args.device,
         "model": f"LSTM {LAYERS}x{HIDDEN}, V={VOCAB}, random weights",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import time
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import REPO, RESULTS, now
+from bench.common import REPO, RESULTS, cpu, now
 from bench.report import save_results
 from training.config import Config, load_config
 from training.evaluate import load_run
@@ -95,7 +94,7 @@ def run(recipe: str, minutes: float | None, overrides: list[str]) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     result: dict = {"recipe": recipe, "date": now(),
-                    "machine": f"{platform.processor() or platform.machine()}, "
+                    "machine": f"{cpu()}, "
                                f"{config.train.threads} threads, torch {torch.__version__}",
                     "budget_minutes": config.train.max_minutes, "overrides": overrides}
     started = time.monotonic()

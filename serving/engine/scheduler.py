@@ -227,14 +227,15 @@ class Scheduler:
 
     def _run(self, batch: Sequence[Step]) -> list[StepResult]:
         """Pads the steps into one [B, T] call."""
-        width = max(len(step.tokens) for step in batch)
+        sizes = [len(step.tokens) for step in batch]
+        width = max(sizes)
         tokens = np.zeros((len(batch), width), np.int64)
-        lengths = np.array([len(step.tokens) for step in batch], np.int64)
+        lengths = np.array(sizes, np.int64)
         for row, step in enumerate(batch):
             tokens[row, : len(step.tokens)] = step.tokens
         state = (np.stack([step.state for step in batch], axis=1)
                  if batch[0].state is not None else None)
-        self._executed.inc(int(lengths.sum()))
+        self._executed.inc(sum(sizes))
         if self.runtime.task == "lm":
             targets = np.zeros_like(tokens)
             for row, step in enumerate(batch):
