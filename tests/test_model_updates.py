@@ -109,7 +109,7 @@ def test_a_rollout_lets_the_old_version_finish_what_it_holds(model_repository, t
 
     publish(model_repository / "endless" / "1", tmp_path / "endless" / "1")
     server = RunningServer(tmp_path, repository_poll_s=0.05, max_completion_tokens=5000,
-                           session_ttl_s=2.0, stream_window=1)
+                           session_ttl_s=4.0, stream_window=1)
     infer = v2_grpc.GRPCInferenceServiceStub(server.channel).ModelInfer
 
     def sequence_step(text: str, start: bool = False) -> v2.ModelInferResponse:
@@ -139,16 +139,16 @@ def test_a_rollout_lets_the_old_version_finish_what_it_holds(model_repository, t
         publish(model_repository / "endless" / "1", tmp_path / "endless" / "2")
         wait_for(lambda: {m.version for m in server.client.list_models()
                           if m.name == "endless"} == {2})
-        # the session goes on on version 1 (its drain lasts a session TTL, 2 s)
+        # the session and the sequence go on on version 1 (its drain lasts a session TTL)
         assert server.client.append(session.session_id, "w5").position == 3
+        continued = sequence_step("w5")
+        assert continued.model_version == "1"
+        assert np.frombuffer(continued.raw_output_contents[1], "<i8").tolist() == [1]
         gate.set()
         assert [result.id for result in stream] == ["1", "2", "3", "4", "5"]
         rest = list(events)  # the completion runs to its end on version 1
         assert first.token is not None and len(rest) == 3000
         assert rest[-1].finish_reason == "length" and rest[-1].model.version == 1
-        continued = sequence_step("w5")  # the sequence goes on where it started
-        assert continued.model_version == "1"
-        assert np.frombuffer(continued.raw_output_contents[1], "<i8").tolist() == [1]
         ended, deadline = None, time.monotonic() + 20
         while ended is None and time.monotonic() < deadline:
             try:  # kept busy, it still ends when the drain does
