@@ -29,7 +29,8 @@ test: install lint
 # again with their servers on CUDA. Needs CUDA 13 and cuDNN 9 for onnxruntime-gpu.
 SERVING_TESTS := tests/test_server.py tests/test_completion.py tests/test_encoder_service.py \
   tests/test_score_stream.py tests/test_server_errors.py tests/test_portable_sessions.py \
-  tests/test_batch_score.py tests/test_model_updates.py tests/test_hostile_input.py
+  tests/test_batch_score.py tests/test_model_updates.py tests/test_hostile_input.py \
+  tests/test_client.py tests/test_scheduling.py
 test-gpu: install
 	$(BIN)/pytest -m gpu -v
 	RECUR_TEST_DEVICE=cuda $(BIN)/pytest -m "not gpu" $(SERVING_TESTS)

@@ -89,21 +89,16 @@ class Server:
         self.health = HealthService(["", *SERVICES.values(), LIVENESS])
         add_guarded(server, health_pb2_grpc.add_HealthServicer_to_server, self.health)
         add_reflection(server, [*SERVICES.values(), health.SERVICE_NAME])
-        address = f"{config.host}:{config.port}"
-        port = (server.add_secure_port(address, server_credentials(
-                    config.tls_cert, config.tls_key, config.tls_client_ca))
-                if config.tls_cert else server.add_insecure_port(address))
-        if port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        credentials = (server_credentials(config.tls_cert, config.tls_key,
+                                          config.tls_client_ca) if config.tls_cert else None)
+        port = _listen(server, config.host, config.port, "serving", credentials)
         self.health_server, health_port = None, None
         if config.health_port >= 0:
             self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             add_guarded(self.health_server, health_pb2_grpc.add_HealthServicer_to_server,
                         self.health)
-            health_port = self.health_server.add_insecure_port(
-                f"{config.host}:{config.health_port}")
-            if health_port == 0:
-                raise OSError(f"cannot listen on {config.host}:{config.health_port} (health)")
+            health_port = _listen(self.health_server, config.host, config.health_port,
+                                  "health")
         engine.start()
         self.metrics_http = None
         metrics_port = None
@@ -138,6 +133,22 @@ class Server:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
         self.stopped.set()
+
+
+def _listen(server: grpc.aio.Server, host: str, port: int, what: str,
+            credentials: grpc.ServerCredentials | None = None) -> int:
+    """Binds the port (never shared: SO_REUSEPORT is off, so a second server on a taken
+    port fails here instead of splitting its connections with the first)."""
+    address = f"{host}:{port}"
+    try:
+        bound = (server.add_secure_port(address, credentials) if credentials
+                 else server.add_insecure_port(address))
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {address} ({what} port): it is in use or not "
+                      "available here")
+    return bound
 
 
 async def serve(config: ServerConfig) -> None:

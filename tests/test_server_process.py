@@ -87,6 +87,16 @@ def test_health_reflection_and_metrics(process):
     assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
 
 
+def test_a_second_server_on_a_taken_port_refuses_to_start(process, model_repository):
+    """gRPC's default SO_REUSEPORT would let it start and take half the connections."""
+    second = subprocess.run(serve_command(model_repository, "--port", str(process.port),
+                                          "--metrics-port", "-1"),
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{process.port} (serving port)" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
 def test_reflection_v1_answers_as_v1alpha_does(process):
     """grpcio-reflection implements v1alpha only; current tools ask v1 first."""
     from google.protobuf import descriptor_pb2
