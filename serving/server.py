@@ -66,7 +66,6 @@ class Server:
 
     async def start(self) -> Ports:
         config = self.config
-        self.engine = engine = Engine(config, self.metrics)
         # Without BDP probing HTTP/2 keeps its 64 KB stream window, so what a client can
         # push ahead into a stream (ScoreStream) stays small, however long the stream.
         options = [("grpc.http2.bdp_probe", 0),
@@ -79,6 +78,16 @@ class Server:
         interceptors = ([BearerTokenInterceptor(read_tokens(config.auth_tokens), self.metrics)]
                         if config.auth_tokens else [])
         self.grpc = server = grpc.aio.server(options=options, interceptors=interceptors)
+        # the ports first: a taken one fails before minutes of loading models
+        credentials = (server_credentials(config.tls_cert, config.tls_key,
+                                          config.tls_client_ca) if config.tls_cert else None)
+        port = _listen(server, config.host, config.port, "serving", credentials)
+        self.health_server, health_port = None, None
+        if config.health_port >= 0:
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_port = _listen(self.health_server, config.host, config.health_port,
+                                  "health")
+        self.engine = engine = Engine(config, self.metrics)
         add_guarded(server, pb_grpc.add_LanguageModelServicer_to_server,
                     LanguageModelService(engine, config.stream_window))
         add_guarded(server, pb_grpc.add_TaggerServicer_to_server, TaggerService(engine))
@@ -89,16 +98,9 @@ class Server:
         self.health = HealthService(["", *SERVICES.values(), LIVENESS])
         add_guarded(server, health_pb2_grpc.add_HealthServicer_to_server, self.health)
         add_reflection(server, [*SERVICES.values(), health.SERVICE_NAME])
-        credentials = (server_credentials(config.tls_cert, config.tls_key,
-                                          config.tls_client_ca) if config.tls_cert else None)
-        port = _listen(server, config.host, config.port, "serving", credentials)
-        self.health_server, health_port = None, None
-        if config.health_port >= 0:
-            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        if self.health_server is not None:
             add_guarded(self.health_server, health_pb2_grpc.add_HealthServicer_to_server,
                         self.health)
-            health_port = _listen(self.health_server, config.host, config.health_port,
-                                  "health")
         engine.start()
         self.metrics_http = None
         metrics_port = None

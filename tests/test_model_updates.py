@@ -170,6 +170,64 @@ def test_a_rollout_lets_the_old_version_finish_what_it_holds(model_repository, t
         server.stop()
 
 
+def test_busy_sessions_do_not_keep_a_retired_version_past_its_drain(model_repository,
+                                                                   tmp_path):
+    """Four clients append without pause to their sessions on the old version: it is
+    released at the end of its drain (a session TTL) all the same."""
+    publish(model_repository / "endless" / "1", tmp_path / "endless" / "1")
+    server = RunningServer(tmp_path, repository_poll_s=0.05, session_ttl_s=1.5)
+    try:
+        old = server.server.engine.model("endless")
+        sessions = [server.client.create_session("endless", "w3").session_id
+                    for _ in range(4)]
+        ended: dict[str, float] = {}
+
+        def append_until_ended(session_id: str) -> None:
+            while True:
+                try:
+                    server.client.append(session_id, "w4")
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.NOT_FOUND, error
+                    ended[session_id] = time.monotonic()
+                    return
+
+        threads = [threading.Thread(target=append_until_ended, args=(sid,))
+                   for sid in sessions]
+        for thread in threads:
+            thread.start()
+        publish(model_repository / "endless" / "1", tmp_path / "endless" / "2")
+        wait_for(lambda: old.retired)
+        retired = time.monotonic()
+        for thread in threads:
+            thread.join(30)
+        assert len(ended) == 4
+        assert max(ended.values()) - retired < 1.5 + 1.5, "the drain outlived its TTL"
+        wait_for(lambda: old.scheduler.closed and old.runtime.session is None)
+    finally:
+        server.stop()
+
+
+def test_a_version_back_in_the_policy_while_it_drains_serves_again(model_repository,
+                                                                   tmp_path):
+    publish(model_repository / "endless" / "1", tmp_path / "endless" / "1")
+    server = RunningServer(tmp_path, repository_poll_s=0.05, session_ttl_s=3.0)
+    try:
+        old = server.server.engine.model("endless")
+        session = server.client.create_session("endless", "w3")
+        publish(model_repository / "endless" / "1", tmp_path / "endless" / "2")
+        wait_for(lambda: old.retired)
+        shutil.rmtree(tmp_path / "endless" / "2")  # rolled back before the drain ended
+        wait_for(lambda: not old.retired)
+        assert server.server.engine.model("endless") is old  # no second copy
+        for position in range(2, 10):  # kept busy, past the drain it would have had
+            assert server.client.append(session.session_id, "w4").position == position
+            time.sleep(0.5)
+        assert not old.released and not old.scheduler.closed
+        assert server.metric("recur_model_info", name="endless", version="1") == 1
+    finally:
+        server.stop()
+
+
 def resident_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -95,8 +95,8 @@ class CompletionStream:
     with it (`async with stream:`, or `cancel()`), which stops the decoding loop and drops
     its pending steps. An error of the loop (the server shutting down, a failed batch) is
     raised after the events produced before it; a loop stopped from outside (its steps
-    dropped when its model was unloaded) ends the stream with Unavailable, never as if it
-    had finished."""
+    dropped by the scheduler's closing at shutdown) ends the stream with Unavailable,
+    never as if it had finished."""
 
     _END = object()
 
@@ -122,8 +122,8 @@ class CompletionStream:
             if self._task.cancelled():
                 if self._cancelled:
                     raise StopAsyncIteration
-                raise Unavailable("the completion was stopped before it finished (its model "
-                                  "version was unloaded, or the server is shutting down)")
+                raise Unavailable("the completion was stopped before it finished: the "
+                                  "server is shutting down")
             if self._task.exception() is not None:
                 raise self._task.exception()
             raise StopAsyncIteration

@@ -285,9 +285,10 @@ class Engine:
     def has_session(self, session_id: str) -> bool:
         return session_id in self.sessions
 
-    def session_model(self, session_id: str) -> LoadedModel:
-        """The model a held session runs on (NotFound saying why it is not held)."""
-        return self.sessions.get(session_id).model
+    def session_model(self, session_id: str, field: str = "session_id") -> LoadedModel:
+        """The model a held session runs on (NotFound saying why it is not held, naming
+        `field`)."""
+        return self.sessions.get(session_id, field).model
 
     async def _find_session(self, session_id: str, token: bytes) -> Session:
         if not token:

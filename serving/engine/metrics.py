@@ -7,6 +7,8 @@ counters. `promtool check metrics` is run on a live page in the tests.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
@@ -66,10 +68,10 @@ class Metrics:
         self.sessions.labels(label)  # sessions still count
         self.executed_tokens.labels(label)
 
-    def remove_model(self, label: str, name: str, version: int, task: str, cell: str,
-                     device: str) -> None:
-        """Drops an unloaded version's gauges and info, so dashboards stop showing it
-        (counters and histograms stay: rates over them fall to zero)."""
-        self.model_info.remove(name, str(version), task, cell, device)
+    def remove_model(self, label: str) -> None:
+        """Drops an unloaded version's gauges, so dashboards stop showing it (its
+        recur_model_info went when it was retired; counters and histograms stay: rates
+        over them fall to zero)."""
         for gauge in (self.queue_depth, self.sessions):
-            gauge.remove(label)
+            with contextlib.suppress(KeyError):
+                gauge.remove(label)

@@ -7,9 +7,11 @@ all, or specific ones. `refresh` (at start, and every `repository_poll_s` while 
 loads versions that enter the policy and retires those that leave it or whose folder is
 gone. A retired version is found by no new lookup, but finishes the requests it holds and
 goes on serving the sessions open on it, for at most `drain_s` (the session TTL); then
-those sessions end and the version is released: its scheduler's thread and its ONNX
-Runtime session. A version that fails to load is skipped (logged once, retried at the next
-look), so a half-copied new version never takes the serving one down.
+those sessions end, the requests still running on it finish, and the version is released:
+its scheduler's thread and its ONNX Runtime session. A retired version back in the policy
+before it is released serves again (no second copy is loaded). A version that fails to
+load is skipped (logged once, retried at the next look), so a half-copied new version
+never takes the serving one down.
 """
 
 from __future__ import annotations
@@ -152,8 +154,7 @@ class ModelRepository:
         self.drain_s = drain_s
         self.models: dict[str, dict[int, LoadedModel]] = {}
         self._refused: dict[Path, int] = {}  # versions that failed to load: failed attempts
-        self.retiring: set[LoadedModel] = set()  # retired, not yet released
-        self._releases: set[asyncio.Task] = set()
+        self.retiring: dict[LoadedModel, asyncio.Task] = {}  # retired, and its release
         # set by the engine: how many sessions a version holds, and what to do with them
         # when it is released
         self.sessions_on: Callable[[LoadedModel], int] = lambda model: 0
@@ -211,13 +212,13 @@ class ModelRepository:
             model.start_state, model.start_logprobs = runtime.start_point()
         return model
 
-    def _add(self, model: LoadedModel) -> None:
-        meta = model.runtime.artifact.metadata
+    def _add(self, model: LoadedModel, start: bool = True) -> None:
+        """Serves `model`; `start`: its scheduler is new and must be started."""
         self.metrics.add_model(model.label, model.name, model.version, model.task,
-                               meta["cell"], model.runtime.device)
+                               model.metadata["cell"], model.device)
         self.models.setdefault(model.name, {})[model.version] = model
         self._mark_latest(model.name)
-        if self.started:
+        if self.started and start:
             model.scheduler.start()
 
     def _mark_latest(self, name: str) -> None:
@@ -241,7 +242,9 @@ class ModelRepository:
             for version, path in versions:
                 if not self.policy.wanted(version, taken):
                     continue
-                if version not in self.models.get(name, {}):
+                # back in the policy while its old instance drains: that one serves again
+                if version not in self.models.get(name, {}) and not self._revive(name,
+                                                                                 version):
                     model = await self._try_load(name, version, path)
                     if model is None:
                         continue
@@ -269,8 +272,8 @@ class ModelRepository:
         return model
 
     def unload(self, model: LoadedModel) -> None:
-        """Retires the version now (no new lookup finds it); releases it once it is idle
-        and its sessions are gone, or `drain_s` from now."""
+        """Retires the version now: no new lookup finds it. It is released once nothing
+        holds it and its sessions are gone, or `drain_s` from now at the latest."""
         versions = self.models.get(model.name, {})
         if versions.get(model.version) is not model:
             return
@@ -279,35 +282,46 @@ class ModelRepository:
             del self.models[model.name]
         self._mark_latest(model.name)
         model.retired = True
-        self.retiring.add(model)
+        meta = model.metadata
+        with contextlib.suppress(KeyError):  # no longer served to new requests
+            self.metrics.model_info.remove(model.name, str(model.version), model.task,
+                                           meta["cell"], model.device)
         task = asyncio.get_running_loop().create_task(self._release(model))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        self.retiring[model] = task
         log.info("retiring %s (version policy %s)", model.label, self.policy)
+
+    def _revive(self, name: str, version: int) -> bool:
+        """A retired instance of `name`/`version` not yet released serves again."""
+        for model, task in list(self.retiring.items()):
+            if (model.name, model.version) == (name, version) and not model.released:
+                task.cancel()
+                del self.retiring[model]
+                model.retired = False
+                self._add(model, start=False)
+                log.info("%s is back in the version policy: serving it again", model.label)
+                return True
+        return False
 
     async def _release(self, model: LoadedModel) -> None:
         deadline = time.monotonic() + self.drain_s
-        while True:
-            await model.idle()
-            if model.active:  # a session's request began as the last one ended
-                continue
-            left = deadline - time.monotonic()
-            if self.sessions_on(model) == 0 or left <= 0:
-                break
-            await asyncio.sleep(min(1.0, left))
-        await self._close(model)  # no await before it marks the version released
-
-    async def _close(self, model: LoadedModel) -> None:
-        model.released = True  # from here every acquire fails: nothing new can start
-        self.retiring.discard(model)
+        while (self.sessions_on(model) or model.active) and (
+                left := deadline - time.monotonic()) > 0:
+            if self.sessions_on(model):
+                await asyncio.sleep(min(1.0, left))
+            else:  # only requests hold it: wait for them, up to the deadline
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(model.idle(), left)
+        # Nothing holds it, or its drain is over: from here no acquire succeeds and its
+        # sessions end; the requests already running on it finish first.
+        model.released = True
         self.on_release(model)
+        await model.idle()
         await model.scheduler.close()
-        # the session's and the heap's memory go back off the event loop's thread
+        # the ONNX Runtime session's and the heap's memory go back off the loop's thread
         await asyncio.to_thread(_free, model)
+        self.retiring.pop(model, None)
         if model.version not in self.models.get(model.name, {}):  # not served again since
-            meta = model.runtime.artifact.metadata
-            self.metrics.remove_model(model.label, model.name, model.version, model.task,
-                                      meta["cell"], model.runtime.device)
+            self.metrics.remove_model(model.label)
         log.info("unloaded %s", model.label)
 
     async def refresh_forever(self, interval_s: float) -> None:
@@ -356,7 +370,9 @@ class ModelRepository:
             model.scheduler.start()
 
     async def close(self) -> None:
-        for task in list(self._releases):
+        draining = list(self.retiring)
+        for task in self.retiring.values():
             task.cancel()
-        for model in [*self.all(), *self.retiring]:
-            await model.scheduler.close()
+        await asyncio.gather(*self.retiring.values(), return_exceptions=True)
+        for model in [*self.all(), *draining]:
+            await model.scheduler.close()  # closing twice is harmless

@@ -251,7 +251,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument("parameters.sequence_id", f"sequence {sequence} has not "
                                       "started here: its first request sets "
                                       "sequence_start=true")
-            runs_on = engine.session_model(session_id)
+            runs_on = engine.session_model(session_id, "parameters.sequence_id")
             if runs_on.name != model.name or runs_on.task != model.task or (
                     named and runs_on is not model):
                 raise InvalidArgument("model_name", f"sequence {sequence} runs on "
