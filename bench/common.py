@@ -52,22 +52,11 @@ def median_ms(fn, repeat: int, warmup: int = 3) -> float:
 
 def lm_artifact(model, out: Path, verify: bool = False) -> Path:
     """`model` (a RecurrentLM) exported to the artifact directory `out` (REPO/NAME/VERSION)
-    with a vocabulary of placeholder words, through the export's own graph builder; with
-    `verify`, checked against torch as `recur export` does."""
-    import onnx
-
-    from serving.model.artifact import write_artifact
-    from serving.model.runtime import ModelRuntime
+    with a vocabulary of placeholder words, as `recur export` exports a run (verified
+    against torch with `verify`)."""
     from serving.model.tokenizer import EOS, UNK, Normalization, Vocabulary
-    from training.export import model_metadata
-    from training.export.graph import build_graph
-    from training.export.verify import verify as verify_export
+    from training.export import export_model
 
     size = model.embedding.weight.shape[0]
     vocab = Vocabulary([UNK, EOS] + [f"w{i}" for i in range(size - 2)], Normalization())
-    graph = build_graph(model, name=out.parent.name)
-    onnx.checker.check_model(graph, full_check=True)
-    metadata = {**model_metadata(model, graph), "task": "lm", "vocab_size": size,
-                "num_labels": None, "special_tokens": {"eos": 1, "unk": 0, "pad": None}}
-    check = (lambda staging: verify_export(model, ModelRuntime(staging))) if verify else None
-    return write_artifact(out, graph.SerializeToString(), vocab, None, metadata, check)
+    return export_model(model, out, vocab, verified=verify)[0]

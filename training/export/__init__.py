@@ -10,9 +10,12 @@ import onnx
 
 from serving.model.artifact import write_artifact
 from serving.model.runtime import ModelRuntime
+from serving.model.tokenizer import LabelSet, Vocabulary
 from training.evaluate import load_run
 from training.export.graph import OPSET, build_graph
 from training.export.verify import verify
+from training.models.encoders import RecurrentTagger
+from training.models.language_model import RecurrentLM
 
 
 class ExportError(ValueError):
@@ -36,6 +39,33 @@ def model_metadata(model, graph: onnx.ModelProto) -> dict:
     }
 
 
+def export_model(model, out: str | Path, vocab: Vocabulary, labels: LabelSet | None = None,
+                 metadata: dict | None = None, verified: bool = True) -> tuple[Path, dict, dict]:
+    """A recurrent network as the artifact REPO/NAME/VERSION: the graph built from its
+    weights and checked, the network's metadata (plus `metadata`), and, unless `verified`
+    is False, its verification against torch through the serving runtime before anything
+    is published. Returns (path, metadata, verification report: {} when unverified)."""
+    graph = build_graph(model, name=Path(out).parent.name or "recur")
+    onnx.checker.check_model(graph, full_check=True)
+    task = ("lm" if isinstance(model, RecurrentLM) else
+            "tag" if isinstance(model, RecurrentTagger) else "classify")
+    full = {
+        **model_metadata(model, graph), "task": task,
+        "pooling": model.pooling if task == "classify" else None, "vocab_size": len(vocab),
+        "num_labels": len(labels) if labels is not None else None,
+        "special_tokens": {"eos": vocab.eos_id, "unk": vocab.unk_id, "pad": vocab.pad_id},
+        **(metadata or {}),
+    }
+    report: dict = {}
+
+    def check(staging: Path) -> None:
+        report.update(verify(model, ModelRuntime(staging, device="cpu")))
+
+    path = write_artifact(out, graph.SerializeToString(), vocab, labels, full,
+                          check if verified else None)
+    return path, full, report
+
+
 def export_run(run_dir: str | Path, out: str | Path) -> dict:
     """Builds the graph, checks it, verifies it against torch through the serving runtime,
     and only then publishes REPO/NAME/VERSION. Returns the artifact's metadata."""
@@ -44,27 +74,13 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
     if config.model.type != "rnn":
         raise ExportError(f"{run_dir}: model.type '{config.model.type}' is a baseline without a "
                           "recurrence; only recurrent models are exported")
-    graph = build_graph(model, name=Path(out).parent.name or "recur")
-    onnx.checker.check_model(graph, full_check=True)
     summary = run_dir / "summary.json"
-    vocab = task.vocab
-    metadata = {
-        **model_metadata(model, graph), "task": config.data.task,
-        "pooling": config.model.pooling if config.data.task == "classify" else None,
-        "tied": config.model.tie_weights, "vocab_size": len(vocab),
-        "num_labels": len(task.labels) if task.labels is not None else None,
-        "special_tokens": {"eos": vocab.eos_id, "unk": vocab.unk_id, "pad": vocab.pad_id},
-        "training_config": config.to_dict(),
+    path, metadata, report = export_model(model, out, task.vocab, task.labels, {
+        "tied": config.model.tie_weights, "training_config": config.to_dict(),
         "validation": (json.loads(summary.read_text())["valid"]
                        if summary.exists() else None),
         "source_run": str(run_dir.resolve()),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    report = {}
-
-    def check(staging: Path) -> None:
-        report.update(verify(model, ModelRuntime(staging, device="cpu")))
-
-    path = write_artifact(out, graph.SerializeToString(), vocab, task.labels, metadata, check)
+    })
     (path / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
     return {**metadata, "verification": report, "path": str(path)}

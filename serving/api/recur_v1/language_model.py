@@ -54,11 +54,15 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 count = len(encoded)
                 # the version is held from its lookup, through the waits, to the end of
                 # the work, so that a rollout meanwhile does not unload it under us
-                with model.in_use():
+                model.acquire()
+                try:
                     await window.acquire(count)
                     await engine.wait_for_room(model, count)
-                    model.acquire()
-                work = asyncio.ensure_future(engine.score_prepared(model, encoded, add_eos))
+                    work = asyncio.ensure_future(engine.score_prepared(model, encoded,
+                                                                       add_eos))
+                except BaseException:
+                    model.release()
+                    raise
                 work.add_done_callback(model.release)
                 ordered.put_nowait((request.id, count, work))
             ordered.put_nowait(None)
