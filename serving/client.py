@@ -331,11 +331,14 @@ class RecurClient:
         return [texts[i] for i in sorted(texts)]
 
     def create_session(self, model: str, prefix: TextOrIds | None = None, *, version: int = 0,
-                       top_k: int = 0, routing_key: str | None = None) -> SessionState:
+                       top_k: int = 0, routing_key: str | None = None,
+                       state_token: bytes = b"") -> SessionState:
         """`routing_key`: any stable key of the caller's (a conversation id), sent with this
-        and every later call of the session so that a hashing proxy keeps them together."""
+        and every later call of the session so that a hashing proxy keeps them together.
+        `state_token`: start a new session where that token's session was (model may then
+        be "")."""
         request = pb.CreateSessionRequest(model=pb.ModelRef(name=model, version=version),
-                                          top_k=top_k)
+                                          top_k=top_k, state_token=state_token)
         if prefix is not None:
             request.prefix.CopyFrom(text_or_ids(prefix))
         return _session(self.language_model.CreateSession(request, timeout=self.timeout,

@@ -36,6 +36,15 @@ class ServerConfig(EngineConfig):
     stream_window: int = setting(
         256, "ScoreStream: sequences in flight per stream before the server stops reading "
         "(HTTP/2 flow control then holds the client back).", NETWORK)
+    stream_window_bytes: int = setting(
+        16 << 20, "ScoreStream: bytes in flight per stream (requests read and results not yet "
+        "sent, counted as the request's size plus 128 bytes a token) before the server stops "
+        "reading.", NETWORK)
+    max_concurrent_streams: int = setting(
+        128, "Most calls open at once on one client connection (HTTP/2 "
+        "max_concurrent_streams); more wait for one to finish.", NETWORK)
+    max_sequence_id_bytes: int = setting(
+        128, "Longest Open Inference Protocol sequence_id string, in bytes.", NETWORK)
     tls_cert: str = setting(
         "", "PEM certificate chain; with tls_key, the serving port requires TLS.", SECURITY)
     tls_key: str = setting("", "PEM private key of tls_cert.", SECURITY)
@@ -54,7 +63,8 @@ class ServerConfig(EngineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("max_message_bytes", "stream_window"):
+        for name in ("max_message_bytes", "stream_window", "stream_window_bytes",
+                     "max_concurrent_streams", "max_sequence_id_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("grace_s", "max_connection_age_s"):

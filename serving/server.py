@@ -11,29 +11,42 @@ INVALID_ARGUMENT). The serving port may require TLS, client certificates and bea
 (serving/api/rpc/auth.py). Health (serving/api/health.py) is served on the serving port
 and, with `health_port`, alone on a plaintext port for probes.
 
-Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING, the listener stops taking new RPCs,
-in-flight requests get `grace_s` to finish, and streams still open near the end of it are
-closed with UNAVAILABLE and a message.
+The metrics port is served on the same event loop (serving/api/metrics_http.py): an idle
+connection costs a few kilobytes, not a thread, and is closed after a few seconds.
+
+Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING and Watch streams end, the listener
+stops taking new RPCs, in-flight requests get `grace_s` to finish, and streams still open
+at half of it are closed with UNAVAILABLE and a message. A second signal during the drain
+exits at once, with status 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+import sys
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
-from serving.api.health import LIVENESS, HealthService
+from serving.api import metrics_http
+from serving.api.health import LIVENESS, MODEL_PREFIX, HealthService
 from serving.api.inference_v2.service import InferenceService
 from serving.api.recur_v1.encoders import ClassifierService, TaggerService
 from serving.api.recur_v1.language_model import LanguageModelService
 from serving.api.recur_v1.models import ModelsService
 from serving.api.reflection import add_reflection
-from serving.api.rpc.auth import BearerTokenInterceptor, read_tokens, server_credentials
+from serving.api.rpc.auth import (
+    BearerTokenInterceptor,
+    bearer_of,
+    peer_of,
+    read_tokens,
+    server_credentials,
+)
 from serving.api.rpc.wire import add_guarded
 from serving.config import ServerConfig
 from serving.engine.engine import Engine
@@ -63,6 +76,7 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         self.stopped = asyncio.Event()
+        self._following: asyncio.Task | None = None
 
     async def start(self) -> Ports:
         config = self.config
@@ -71,6 +85,7 @@ class Server:
         options = [("grpc.http2.bdp_probe", 0),
                    ("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.max_concurrent_streams", config.max_concurrent_streams),
                    ("grpc.so_reuseport", 0)]
         if config.max_connection_age_s > 0:
             options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
@@ -87,14 +102,35 @@ class Server:
             self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_port = _listen(self.health_server, config.host, config.health_port,
                                   "health")
+        metrics_socket = (metrics_http.bind(config.host, config.metrics_port, "metrics")
+                          if config.metrics_port >= 0 else None)
+        self.metrics_http = None
+        try:
+            return await self._start(port, health_port, metrics_socket)
+        except BaseException:
+            if self.metrics_http is not None:
+                self.metrics_http.running.cancel()
+            if metrics_socket is not None:
+                metrics_socket.close()
+            raise
+
+    async def _start(self, port: int, health_port: int | None,
+                     metrics_socket: socket.socket | None) -> Ports:
+        config, server = self.config, self.grpc
         self.engine = engine = Engine(config, self.metrics)
+        # per-client quotas count bearer tokens where the port requires them, else addresses
+        client_of = bearer_of if config.auth_tokens else peer_of
         add_guarded(server, pb_grpc.add_LanguageModelServicer_to_server,
-                    LanguageModelService(engine, config.stream_window))
-        add_guarded(server, pb_grpc.add_TaggerServicer_to_server, TaggerService(engine))
+                    LanguageModelService(engine, config.stream_window,
+                                         config.stream_window_bytes, config.max_message_bytes,
+                                         client_of))
+        add_guarded(server, pb_grpc.add_TaggerServicer_to_server,
+                    TaggerService(engine, config.max_message_bytes))
         add_guarded(server, pb_grpc.add_ClassifierServicer_to_server, ClassifierService(engine))
         add_guarded(server, pb_grpc.add_ModelsServicer_to_server, ModelsService(engine))
         add_guarded(server, v2_grpc.add_GRPCInferenceServiceServicer_to_server,
-                    InferenceService(engine))
+                    InferenceService(engine, config.max_message_bytes,
+                                     config.max_sequence_id_bytes, client_of))
         self.health = HealthService(["", *SERVICES.values(), LIVENESS])
         add_guarded(server, health_pb2_grpc.add_HealthServicer_to_server, self.health)
         add_reflection(server, [*SERVICES.values(), health.SERVICE_NAME])
@@ -102,39 +138,78 @@ class Server:
             add_guarded(self.health_server, health_pb2_grpc.add_HealthServicer_to_server,
                         self.health)
         engine.start()
-        self.metrics_http = None
         metrics_port = None
-        if config.metrics_port >= 0:
-            self.metrics_http, _ = start_http_server(config.metrics_port, addr=config.host,
-                                                     registry=self.metrics.registry)
-            metrics_port = self.metrics_http.server_port
+        if metrics_socket is not None:
+            metrics_port = metrics_socket.getsockname()[1]
+            self.metrics_http = await metrics_http.MetricsServer.serving(metrics_socket,
+                                                             self.metrics.registry)
         await self.health.set(LIVENESS, SERVING)
         if self.health_server is not None:
             await self.health_server.start()
         await server.start()
         await self.health.set_all(["", *SERVICES.values()], SERVING)
+        await self._publish_model_health()
+        if config.repository_poll_s > 0:
+            self._following = asyncio.ensure_future(self._follow_models(config.repository_poll_s))
         self.ports = Ports(port, metrics_port, health_port)
         log.info("serving %s on %s:%d (metrics on %s, health on %s)",
                  ", ".join(m.label for m in engine.models()), config.host, port,
                  metrics_port, health_port)
         return self.ports
 
+    async def _publish_model_health(self) -> None:
+        """Health per model: SERVING while a version of it is served, NOT_SERVING while
+        the versions of it in the policy do not load."""
+        served = {model.name for model in self.engine.models()}
+        names = served | {name for (name, _), _ in self.engine.unavailable()}
+        # a model that left the repository altogether is NOT_SERVING too
+        names |= {s[len(MODEL_PREFIX):] for s in self.health.services
+                  if s.startswith(MODEL_PREFIX)}
+        for name in sorted(names):
+            await self.health.set(MODEL_PREFIX + name,
+                                  SERVING if name in served else NOT_SERVING)
+
+    async def _follow_models(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._publish_model_health()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Drains: NOT_SERVING, no new RPCs, in-flight work finishes within the grace."""
         grace = self.config.grace_s if grace_s is None else grace_s
-        await self.health.set_all(["", *SERVICES.values()], NOT_SERVING)
+        if self._following is not None:
+            self._following.cancel()
+        await self.health.set_all([s for s in self.health.services if s != LIVENESS],
+                                  NOT_SERVING)
+        self.health.shutdown()  # Watch streams send NOT_SERVING and end: none holds the drain
+        # grpc's stop returns as soon as every call has ended, and cancels the rest at the
+        # end of the grace, with its own "Cancelling all calls" and nothing else.
         stopping = asyncio.ensure_future(self.grpc.stop(grace))
-        # Open streams are told why they end, shortly before the grace period does.
-        await asyncio.wait({stopping}, timeout=max(grace - min(1.0, grace / 4), 0))
-        self.engine.closing.set()
+        await asyncio.wait({stopping}, timeout=closing_after(grace))
+        self.engine.closing.set()  # open streams end, telling their clients why
         await stopping
         if self.health_server is not None:  # probes see NOT_SERVING until the very end
             await self.health_server.stop(0)
         await self.engine.close()
         if self.metrics_http is not None:
-            self.metrics_http.shutdown()
-            self.metrics_http.server_close()
+            await self.metrics_http.stop()
         self.stopped.set()
+
+
+def closing_after(grace: float) -> float:
+    """When, into a drain of `grace` seconds, open streams are told to end: at half the
+    grace, and at least a second before its end (at once for a grace of 1 s or less).
+
+    A stream told to end still has to be scheduled, stop its work and write its last
+    message (UNAVAILABLE with the reason; with state-token keys, first a message with
+    its token) before grpc cancels every call left at the end of the grace; on a busy
+    loop (a backlog of batches, hundreds of streams each writing) that can take longer
+    than the 250 ms to 1 s they used to get, and they then ended with grpc's "Cancelling
+    all calls" instead. The cost of telling them early is small: a completion or
+    a Converse stream ends sooner, and its client resumes it elsewhere from its token,
+    while one cut by the cancel gets neither the reason nor the token. Unary requests
+    keep the whole grace."""
+    return max(0.0, min(grace / 2, grace - 1.0))
 
 
 def _listen(server: grpc.aio.Server, host: str, port: int, what: str,
@@ -164,6 +239,17 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal does not wait for the drain
+        loop.add_signal_handler(sig, _exit_now, sig)
     log.info("shutting down: %g s grace", config.grace_s)
     await server.stop()
     print("recur serve: stopped", flush=True)
+
+
+def _exit_now(sig: int) -> None:
+    """A second SIGTERM or a SIGINT during the drain (an operator's second Ctrl-C, a
+    supervisor that will not wait) exits at once, as most servers do."""
+    print(f"recur serve: {signal.Signals(sig).name} during the drain: exiting now, without "
+          "waiting for the requests in flight (exit 1)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # not SystemExit: the drain's awaits and grpc's threads would hold it up

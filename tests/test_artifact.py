@@ -67,7 +67,7 @@ def test_missing_directory(tmp_path):
 def test_versions_are_integers_and_immutable(artifact, tmp_path):
     a = load_artifact(artifact)
     onnx_bytes = a.model_path.read_bytes()
-    with pytest.raises(ArtifactError, match="integer version"):
+    with pytest.raises(ArtifactError, match="must be a version"):
         write_artifact(tmp_path / "m" / "latest", onnx_bytes, a.vocab, None, a.metadata)
     with pytest.raises(ArtifactError, match="already exists"):
         write_artifact(artifact, onnx_bytes, a.vocab, None, a.metadata)

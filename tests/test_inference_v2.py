@@ -154,7 +154,7 @@ def test_token_ids_typed_contents_and_encoders(server):
 @pytest.mark.parametrize("fields, field, message", [
     ({"model_name": "nope"}, grpc.StatusCode.NOT_FOUND, "model_name: no model named 'nope'"),
     ({"model_name": "demo-lm", "model_version": "x"}, grpc.StatusCode.INVALID_ARGUMENT,
-     "model_version: must be an integer"),
+     "model_version: must be a version number"),
     ({"model_name": "demo-lm"}, grpc.StatusCode.INVALID_ARGUMENT, "inputs: give exactly one"),
     ({"model_name": "demo-lm", "inputs": [v2.ModelInferRequest.InferInputTensor(
         name="TEXT", datatype="BYTES", shape=[1, 1])], "raw_input_contents": [b"\x09\x00"]},

@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from serving_helpers import RunningServer
 
+from serving.engine.sessions import SESSION_OVERHEAD_BYTES
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -164,8 +165,10 @@ def test_session_bytes_are_bounded_by_lru_eviction(model_repository):
     import json
 
     meta = json.loads((model_repository / "demo-lm" / "1" / "metadata.json").read_text())
-    # a language model's session: its state and its next-token distribution, float32
-    per_session = 4 * (meta["layers"] * meta["state_size"] + meta["vocab_size"])
+    # a language model's session: its state and its next-token distribution, float32,
+    # and its bookkeeping
+    per_session = (4 * (meta["layers"] * meta["state_size"] + meta["vocab_size"])
+                   + SESSION_OVERHEAD_BYTES)
     running = RunningServer(model_repository, max_session_bytes=3 * per_session)
     try:
         ids = [running.client.create_session("demo-lm").session_id for _ in range(4)]

@@ -69,6 +69,10 @@ class EngineConfig:
     allow_cpu_fallback: bool = setting(
         False, "Serve on the CPU when CUDA was asked for but cannot be used (logged), instead "
         "of refusing to start.", MODELS)
+    strict_start: bool = setting(
+        False, "Refuse to start when any version in the policy fails to load. Off: serve "
+        "what loads, report the rest (log, ListModels, health) and retry them at every "
+        "look at the repository, as while serving.", MODELS)
     threads: int = setting(
         0, "ONNX Runtime intra-op threads per model; 0: ONNX Runtime's default.", MODELS)
     spin_threads: bool = setting(
@@ -101,6 +105,10 @@ class EngineConfig:
         86400.0, "How long (seconds) a state token can be resumed from.", SESSIONS)
     max_sessions: int = setting(
         10000, "Most sessions held; beyond it the least recently used are evicted.", SESSIONS)
+    max_sessions_per_client: int = setting(
+        0, "Most sessions one client (one bearer token, or one address without "
+        "authentication) may hold; beyond it its creates are refused, so one client cannot "
+        "evict everyone else's sessions. 0: no per-client limit.", SESSIONS)
     max_session_bytes: int = setting(
         1 << 30, "Most bytes of states and next-token distributions held by all sessions; "
         "beyond it the least recently used are evicted.", SESSIONS)
@@ -114,17 +122,23 @@ class EngineConfig:
         32, "Tokens a completion generates when it does not say (max_tokens = 0).", LIMITS)
     max_samples: int = setting(
         64, "Most samples one completion may ask for (n).", LIMITS)
+    max_stop_strings: int = setting(
+        16, "Most stop strings one completion may give.", LIMITS)
+    max_stop_string_chars: int = setting(
+        256, "Longest stop string, in characters.", LIMITS)
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "token_budget", "max_queue", "chunk_tokens",
                     "max_sessions", "max_session_bytes", "max_sequences_per_request",
                     "max_tokens_per_sequence", "max_completion_tokens",
-                    "default_completion_tokens", "max_samples")
+                    "default_completion_tokens", "max_samples", "max_stop_strings",
+                    "max_stop_string_chars")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("session_ttl_s", "max_queue_delay_ms", "threads", "state_token_ttl_s",
-                     "repository_poll_s", "max_inline_step_ms"):
+                     "repository_poll_s", "max_inline_step_ms",
+                     "max_sessions_per_client"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_sequences_per_request > self.max_queue:

@@ -68,12 +68,20 @@ class Sample:
         self.token = sample_next(next_logprobs, params, rng)
         self.logprob = float(next_logprobs[self.token])
         self.ids: list[int] = []
+        self.tail = ""  # the end of the text, as far back as a stop string could start
+        self.length = 0  # of the whole text, in characters
         self.text: str | None = None  # set when a stop string cut the text
 
 
 class Stops:
+    """A completion's stop conditions. Stop strings are matched as the text grows: only
+    where a match could end in the newest token's text, against the text's last few
+    characters, so a token costs the same however long the text (the number and length
+    of stop strings are capped by the engine)."""
+
     def __init__(self, token_ids: frozenset[int], strings: tuple[str, ...]):
         self.token_ids, self.strings = token_ids, strings
+        self.longest = max(map(len, strings), default=0)
 
     def check(self, sample: Sample, token: int, vocab) -> str | None:
         """The finish reason if `token` ends the sample (it is then not emitted)."""
@@ -82,11 +90,16 @@ class Stops:
         if token in self.token_ids:
             return STOP
         if self.strings:
-            text = vocab.decode(sample.ids + [token])
-            cuts = [text.find(s) for s in self.strings if s in text]
+            joiner = vocab.normalization.detokenize(["", ""]) if sample.length else ""
+            piece = joiner + vocab.tokens[token]
+            window = sample.tail + piece  # the text's end: a new match ends in `piece`
+            cuts = [i for i in (window.find(s) for s in self.strings) if i >= 0]
             if cuts:
-                sample.text = text[: min(cuts)]
+                start = sample.length - len(sample.tail)  # where the window starts
+                sample.text = vocab.decode(sample.ids + [token])[: start + min(cuts)]
                 return STOP
+            sample.tail = window[len(window) - self.longest + 1:] if self.longest > 1 else ""
+            sample.length += len(piece)
         return None
 
 
@@ -129,6 +142,10 @@ class CompletionStream:
             raise StopAsyncIteration
         self._room.release()
         return item
+
+    def full(self) -> bool:
+        """Whether the next event waits for the reader to take one."""
+        return self._room.locked()
 
     def cancel(self) -> None:
         self._cancelled = True

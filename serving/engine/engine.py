@@ -17,7 +17,7 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -30,7 +30,13 @@ from serving.engine.decoding import (
     Sample,
     decode,
 )
-from serving.engine.errors import FailedPrecondition, InvalidArgument, LimitExceeded, NotFound
+from serving.engine.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    shown,
+)
 from serving.engine.inputs import Encoded, Input, encode, encode_all
 from serving.engine.metrics import Metrics
 from serving.engine.repository import LoadedModel, ModelRepository
@@ -42,12 +48,15 @@ from serving.engine.results import (
     Tagged,
     tagged,
 )
-from serving.engine.scheduler import BatchLimits
-from serving.engine.sessions import Session, SessionStore
+from serving.engine.scheduler import Admission, BatchLimits
+from serving.engine.sessions import Session, SessionLive, SessionStore
 from serving.engine.state_tokens import Snapshot, StateTokenKeys, TokenRejected
 from serving.model.sampler import SamplingParams, make_rng
 
 TOKEN_KINDS = {"lm": "scored", "tag": "tagged", "classify": "classified"}
+# An adapter's own check of a request's tokenized inputs, run before anything is computed
+# (the size of its response, say); it raises an EngineError to refuse the request.
+Check = Callable[[Sequence[Encoded]], None]
 
 
 class Engine:
@@ -64,9 +73,11 @@ class Engine:
                                           config.threads, config.allow_cpu_fallback, limits,
                                           self.metrics, config.spin_threads,
                                           VersionPolicy.parse(config.version_policy),
-                                          drain_s=config.session_ttl_s)
+                                          drain_s=config.session_ttl_s,
+                                          strict_start=config.strict_start)
         self.sessions = SessionStore(config.session_ttl_s, config.max_sessions,
-                                     config.max_session_bytes, self.metrics)
+                                     config.max_session_bytes, self.metrics,
+                                     config.max_sessions_per_client)
         # a retired version serves its open sessions for up to a session TTL
         self.repository.sessions_on = self.sessions.count_on
         self.repository.on_release = self.sessions.remove_model
@@ -100,6 +111,11 @@ class Engine:
     def models(self) -> list[LoadedModel]:
         return self.repository.all()
 
+    def unavailable(self) -> list[tuple[tuple[str, int], str]]:
+        """((name, version), why) of the versions in the policy that do not load (retried
+        at every look at the repository), in order."""
+        return sorted(self.repository.unavailable.items())
+
     def versions(self, name: str) -> list[int]:
         """The versions of `name` served, in order."""
         return self.repository.versions(name)
@@ -113,23 +129,29 @@ class Engine:
         return encode_all(inputs, model.vocab, field, self.config.max_sequences_per_request,
                           self.config.max_tokens_per_sequence, allow_empty=add_eos)
 
-    async def wait_for_room(self, model: LoadedModel, count: int) -> None:
-        """For streams: waits (instead of refusing) until the model's queue has room."""
-        await model.scheduler.wait_for_room(count)
+    async def admit_when_room(self, model: LoadedModel, count: int) -> Admission:
+        """For streams: waits (instead of refusing) until the model admits `count`
+        sequences; release the admission when their work ends."""
+        return await model.scheduler.admit_when_room(count)
 
     async def score_prepared(self, model: LoadedModel, encoded: Sequence[Encoded],
                              add_eos: bool = True) -> list[Scored]:
+        """Scores inputs of prepare_scores; the caller holds their admission."""
         with model.in_use():
             return await _gather(*(self._score_one(model, e, add_eos) for e in encoded))
 
     async def score(self, model: LoadedModel, inputs: Sequence[Input | None],
-                    add_eos: bool = True,
-                    field: str = "inputs") -> list[Scored]:
+                    add_eos: bool = True, field: str = "inputs",
+                    check: Check | None = None) -> list[Scored]:
         """Each input's per-token log-probs under the scoring convention (read from the
-        state after `<eos>`; with add_eos its final `<eos>` is scored too)."""
+        state after `<eos>`; with add_eos its final `<eos>` is scored too). `check` sees
+        the tokenized inputs before anything runs (an adapter's own limits, such as the
+        size of its response)."""
         encoded = self.prepare_scores(model, inputs, add_eos, field)
-        model.scheduler.reserve(len(encoded))
-        return await self.score_prepared(model, encoded, add_eos)
+        if check is not None:
+            check(encoded)
+        with model.scheduler.admit(len(encoded)):
+            return await self.score_prepared(model, encoded, add_eos)
 
     async def _score_one(self, model: LoadedModel, encoded: Encoded, add_eos: bool) -> Scored:
         vocab = model.vocab
@@ -142,10 +164,10 @@ class Engine:
 
     # -- tagging and classification -------------------------------------------------------
     async def tag(self, model: LoadedModel, inputs: Sequence[Input | None],
-                  field: str = "inputs") -> list[Tagged]:
+                  field: str = "inputs", check: Check | None = None) -> list[Tagged]:
         labels = model.labels
-        return [tagged(e.words, logprobs, labels)
-                for e, logprobs in await self._encode_texts(model, "tag", inputs, field)]
+        return [tagged(e.words, logprobs, labels) for e, logprobs in
+                await self._encode_texts(model, "tag", inputs, field, check)]
 
     async def classify(self, model: LoadedModel, inputs: Sequence[Input | None],
                        field: str = "inputs") -> list[Classified]:
@@ -154,15 +176,16 @@ class Engine:
                 for _, logprobs in await self._encode_texts(model, "classify", inputs, field)]
 
     async def _encode_texts(self, model: LoadedModel, task: str,
-                            inputs: Sequence[Input | None],
-                            field: str) -> list[tuple[Encoded, np.ndarray]]:
+                            inputs: Sequence[Input | None], field: str,
+                            check: Check | None = None) -> list[tuple[Encoded, np.ndarray]]:
         if model.task != task:
             model = self.model(model.name, model.version, task)  # raises, naming the task
         config = self.config
         encoded = encode_all(inputs, model.vocab, field, config.max_sequences_per_request,
                              config.max_tokens_per_sequence)
-        model.scheduler.reserve(len(encoded))
-        with model.in_use():
+        if check is not None:
+            check(encoded)
+        with model.scheduler.admit(len(encoded)), model.in_use():
             results = await _gather(*(operations.run_chunks(
                 model, e.ids, model.initial_state(), None, config.chunk_tokens)
                 for e in encoded))
@@ -186,7 +209,14 @@ class Engine:
                                          seed, stop, stop_token_ids)
         ids = encode(prompt, model.vocab, self.config.max_tokens_per_sequence,
                      allow_empty=True, optional=True).ids
-        model.acquire()  # released when the decoding loop ends, however it ends
+        # admitted whole: all its samples, held until the decoding loop ends, except while
+        # it waits for its reader (a client that stops reading takes no room meanwhile)
+        admitted = [model.scheduler.admit(params.samples)]
+        try:
+            model.acquire()  # released when the decoding loop ends, however it ends
+        except BaseException:
+            admitted[0].release()
+            raise
         try:
             start = await operations.read_prompt(model, ids, self.config.chunk_tokens)
             self.metrics.tokens.labels(model.label, "prompt").inc(len(ids))
@@ -194,14 +224,23 @@ class Engine:
                              params.sampling) for i in range(params.samples)]
 
             def produce(emit) -> Awaitable[None]:
-                return decode(model, params, active, emit, self.metrics, self.closing,
-                              started)
+                async def emit_or_give_way(event) -> None:
+                    if not stream.full():
+                        return await emit(event)
+                    admitted[0].release()
+                    await emit(event)  # until the reader takes an event
+                    admitted[0] = await model.scheduler.admit_when_room(params.samples)
+
+                return decode(model, params, active, emit_or_give_way, self.metrics,
+                              self.closing, started)
 
             stream = CompletionStream(produce, WRITE_AHEAD * params.samples)
         except BaseException:
             model.release()
+            admitted[0].release()
             raise
         stream.add_done_callback(model.release)
+        stream.add_done_callback(lambda: admitted[0].release())
         return stream
 
     def _completion_params(self, model: LoadedModel, max_tokens: int, temperature: float,
@@ -227,12 +266,22 @@ class Engine:
         samples = n or 1
         if samples > config.max_samples:
             raise LimitExceeded("max_samples", samples, config.max_samples, "n")
-        for i, token in enumerate(stop_token_ids):
-            if not 0 <= token < len(vocab):
-                raise InvalidArgument(f"stop_token_ids[{i}]", f"token id {token} is out of "
-                                      f"range [0, {len(vocab)})")
-        if any(not s for s in stop):
-            raise InvalidArgument("stop", "stop strings must not be empty")
+        if len(stop_token_ids) > len(vocab):
+            raise InvalidArgument("stop_token_ids", f"{len(stop_token_ids)} ids, more than "
+                                  f"the vocabulary's {len(vocab)}")
+        stop_ids = np.asarray(stop_token_ids, np.int64)
+        if (bad := np.flatnonzero((stop_ids < 0) | (stop_ids >= len(vocab)))).size:
+            i = int(bad[0])
+            raise InvalidArgument(f"stop_token_ids[{i}]", f"token id {stop_ids[i]} is out of "
+                                  f"range [0, {len(vocab)})")
+        if len(stop) > config.max_stop_strings:
+            raise LimitExceeded("max_stop_strings", len(stop), config.max_stop_strings, "stop")
+        for i, text in enumerate(stop):
+            if not text:
+                raise InvalidArgument(f"stop[{i}]", "stop strings must not be empty")
+            if len(text) > config.max_stop_string_chars:
+                raise LimitExceeded("max_stop_string_chars", len(text),
+                                    config.max_stop_string_chars, f"stop[{i}]")
         return CompletionParams(
             SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), max_tokens,
             samples, secrets.randbits(63) if seed is None else seed, tuple(stop),
@@ -240,14 +289,14 @@ class Engine:
 
     # -- sessions -------------------------------------------------------------------------
     async def create_session(self, model: LoadedModel, prefix: Input | None = None,
-                             top_k: int = 0) -> SessionStep:
-        """A session on `model` after reading `prefix` (optional)."""
+                             top_k: int = 0, client: str = "",
+                             check: Check | None = None) -> SessionStep:
+        """A session on `model` after reading `prefix` (optional). `client` names who holds
+        it, for max_sessions_per_client."""
         if (why_not := model.sessions_allowed) is not None:
             raise InvalidArgument("model", why_not)
-        self._check_top_k(top_k, model)
-        encoded = encode(prefix, model.vocab, self.config.max_tokens_per_sequence,
-                         allow_empty=True, optional=True)
-        with model.in_use():
+        encoded = self._encode_step(model, prefix, top_k, True, "prefix", check)
+        with self._admit(model, encoded), model.in_use():
             if model.task == "lm":
                 state, next_logprobs = model.start_state, model.start_logprobs
                 resume_state, last_token = model.initial_state(), model.vocab.eos_id
@@ -257,30 +306,90 @@ class Engine:
             if self.token_keys is None:  # no state tokens: nothing to keep for them
                 resume_state, last_token = None, -1
             session = self.sessions.create(model, state, next_logprobs, resume_state,
-                                           last_token)
-            try:
-                return await self._append(session, encoded, top_k)
-            except BaseException:
-                if session.id in self.sessions:
-                    self.sessions.close(session.id)
-                raise
+                                           last_token, client=client)
+            return await self._first_step(session, encoded, top_k, None)
+
+    async def create_session_from(self, state_token: bytes, prefix: Input | None = None,
+                                  top_k: int = 0, client: str = "",
+                                  check: Check | None = None, model_name: str = "",
+                                  version: int = 0) -> SessionStep:
+        """A new session (a new id) starting where the token's session was when the token
+        was issued, open or not: a fork, or a closed session continued on purpose.
+        `model_name`/`version`, if given, must be the token's."""
+        snapshot = self._open(state_token)
+        if model_name and (model_name, version or snapshot.version) != (snapshot.model,
+                                                                        snapshot.version):
+            raise InvalidArgument("model", f"the state_token is for {snapshot.model}/"
+                                  f"{snapshot.version}, not {shown(model_name)}/{version}")
+        model = self._resumable_on(snapshot)
+        encoded = self._encode_step(model, prefix, top_k, True, "prefix", check)
+        with self._admit(model, encoded), model.in_use():
+            state, next_logprobs = await self._resumed_state(model, snapshot)
+            session = self.sessions.create(model, state, next_logprobs, snapshot.state,
+                                           snapshot.last_token, position=snapshot.position,
+                                           client=client)
+            return await self._first_step(session, encoded, top_k, None)
 
     async def append(self, session_id: str, item: Input | None, top_k: int = 0,
                      state_token: bytes = b"", allow_empty: bool = False,
-                     field: str = "input") -> SessionStep:
+                     field: str = "input", client: str = "",
+                     check: Check | None = None) -> SessionStep:
         """Reads `item` into the session: held here, or resumed from its state token.
         `allow_empty`: no input (or an empty one) reads nothing and answers where the
-        session is."""
-        session = await self._find_session(session_id, state_token)
-        model = session.model
-        self._check_top_k(top_k, model)
-        encoded = encode(item, model.vocab, self.config.max_tokens_per_sequence,
-                         allow_empty=allow_empty, optional=allow_empty, field=field)
-        with model.in_use():
-            return await self._append(session, encoded, top_k)
+        session is. Everything is checked before the session changes.
+
+        A state token continues its session only from where the token was issued: if the
+        session is held here at another position, the token is stale (FAILED_PRECONDITION
+        STATE_TOKEN_STALE; the session is not rewound), and a session closed here is not
+        brought back by its old token (SESSION_CLOSED). Resumed elsewhere (another replica,
+        after a restart, an eviction or its expiry), the session keeps its id."""
+        if not state_token:
+            if not session_id:
+                raise InvalidArgument("session_id", "required (the session's id, or a "
+                                      "state_token to resume it from)")
+            session = self.sessions.get(session_id, touch=False)
+            encoded = self._encode_step(session.model, item, top_k, allow_empty, field,
+                                        check)
+            with self._admit(session.model, encoded), session.model.in_use():
+                return await self._append(session, encoded, top_k, None)
+        snapshot = self._open(state_token)
+        if session_id and session_id != snapshot.session_id:
+            raise InvalidArgument("state_token", f"is for session "
+                                  f"{shown(snapshot.session_id)}, not {shown(session_id)}")
+        if (held := self.sessions.peek(snapshot.session_id)) is not None:
+            self._check_current(held, snapshot)
+            session = self.sessions.get(held.id, touch=False)
+            encoded = self._encode_step(session.model, item, top_k, allow_empty, field,
+                                        check)
+            with self._admit(session.model, encoded), session.model.in_use():
+                return await self._append(session, encoded, top_k, snapshot.position)
+        if self.sessions.was_closed(snapshot.session_id):
+            raise FailedPrecondition("state_token", f"session {shown(snapshot.session_id)} "
+                                     "was closed on this server; its token does not reopen "
+                                     "it", "SESSION_CLOSED")
+        model = self._resumable_on(snapshot)
+        encoded = self._encode_step(model, item, top_k, allow_empty, field, check)
+        with self._admit(model, encoded), model.in_use():
+            state, next_logprobs = await self._resumed_state(model, snapshot)
+            try:
+                session = self.sessions.create(model, state, next_logprobs, snapshot.state,
+                                               snapshot.last_token, snapshot.session_id,
+                                               snapshot.position, client)
+            except SessionLive as live:  # resumed by another request meanwhile
+                self._check_current(live.session, snapshot)
+                return await self._append(live.session, encoded, top_k, snapshot.position)
+            return await self._first_step(session, encoded, top_k, snapshot.position)
 
     def close_session(self, session_id: str) -> None:
+        if not session_id:
+            raise InvalidArgument("session_id", "required")
         self.sessions.close(session_id)
+
+    def end_session(self, session_id: str, generation: int) -> None:
+        """Ends a session held for a stream's life (the stream created or resumed it): not
+        a close, so its last token still resumes it here; and only that incarnation of
+        the id, never a session resumed anew under it by someone else meanwhile."""
+        self.sessions.discard(session_id, generation)
 
     def has_session(self, session_id: str) -> bool:
         return session_id in self.sessions
@@ -288,20 +397,41 @@ class Engine:
     def session_model(self, session_id: str, field: str = "session_id") -> LoadedModel:
         """The model a held session runs on (NotFound saying why it is not held, naming
         `field`)."""
-        return self.sessions.get(session_id, field).model
+        return self.sessions.get(session_id, field, touch=False).model
 
-    async def _find_session(self, session_id: str, token: bytes) -> Session:
-        if not token:
-            return self.sessions.get(session_id)
-        snapshot = self._open(token)
-        if session_id and session_id != snapshot.session_id:
-            raise InvalidArgument("state_token", f"is for session {snapshot.session_id!r}, "
-                                  f"not {session_id!r}")
-        held = self.sessions.peek(snapshot.session_id)
-        if held is not None and held.position == snapshot.position and (
-                held.model.name, held.model.version) == (snapshot.model, snapshot.version):
-            return self.sessions.get(snapshot.session_id)
-        return await self._resume(snapshot)
+    def on_session_removed(self, callback: Callable[[str], None]) -> None:
+        """`callback(session_id)` whenever a session leaves the table, however it leaves
+        (for adapters that map their own ids onto sessions)."""
+        self.sessions.on_remove.append(callback)
+
+    def _admit(self, model: LoadedModel, encoded: Encoded) -> Admission:
+        """A session step's admission: a multi-token language-model step with state tokens
+        runs two rows (the state before its last token too)."""
+        two = self.token_keys is not None and model.task == "lm" and len(encoded.ids) > 1
+        return model.scheduler.admit(2 if two else 1)
+
+    def _encode_step(self, model: LoadedModel, item: Input | None, top_k: int,
+                     allow_empty: bool, field: str, check: Check | None) -> Encoded:
+        self._check_top_k(top_k, model)
+        encoded = encode(item, model.vocab, self.config.max_tokens_per_sequence,
+                         allow_empty=allow_empty, optional=allow_empty, field=field)
+        if check is not None:
+            check([encoded])
+        return encoded
+
+    @staticmethod
+    def _check_current(held: Session, snapshot: Snapshot) -> None:
+        """A token for a session held here must be for where the session is now."""
+        if (held.model.name, held.model.version) != (snapshot.model, snapshot.version):
+            raise FailedPrecondition("state_token", f"session {shown(held.id)} is held here "
+                                     f"on {held.model.label}, not {snapshot.model}/"
+                                     f"{snapshot.version}", "STATE_TOKEN_STALE")
+        if held.position != snapshot.position:
+            raise FailedPrecondition(
+                "state_token", f"is for position {snapshot.position} of session "
+                f"{shown(held.id)}, which is held here at position {held.position}; "
+                "append by session_id to continue it (the session is not rewound)",
+                "STATE_TOKEN_STALE")
 
     def _open(self, token: bytes) -> Snapshot:
         if self.token_keys is None:
@@ -316,13 +446,15 @@ class Engine:
                                          "STATE_TOKEN_UNUSABLE") from None
             raise InvalidArgument("state_token", str(rejected)) from None
 
-    async def _resume(self, snapshot: Snapshot) -> Session:
+    def _resumable_on(self, snapshot: Snapshot) -> LoadedModel:
+        """The model a token's session resumes on, checked against the token (no
+        compute)."""
         try:
             model = self.repository.get(snapshot.model, snapshot.version)
         except (InvalidArgument, NotFound):
             raise FailedPrecondition(
-                "state_token", f"is for model {snapshot.model}/{snapshot.version}, which this "
-                f"server does not serve", "STATE_TOKEN_UNUSABLE") from None
+                "state_token", f"is for model {snapshot.model}/{snapshot.version}, "
+                "which this server does not serve", "STATE_TOKEN_UNUSABLE") from None
         if (why_not := model.sessions_allowed) is not None:
             raise FailedPrecondition("state_token", why_not, "STATE_TOKEN_UNUSABLE")
         expected = model.runtime.artifact.state_shape
@@ -331,26 +463,49 @@ class Engine:
             raise FailedPrecondition("state_token", f"holds a state of shape "
                                      f"{snapshot.state.shape}; {model.label} has {expected}",
                                      "STATE_TOKEN_UNUSABLE")
-        with model.in_use():
-            if model.task == "lm":
-                if snapshot.last_token >= len(model.vocab):
-                    raise FailedPrecondition("state_token", "holds a token outside the "
-                                             "vocabulary", "STATE_TOKEN_UNUSABLE")
-                step = await operations.resume(model, snapshot.state, snapshot.last_token)
-                state, next_logprobs = step.state, step.next_logprobs
-            else:
-                state, next_logprobs = snapshot.state, None
-        return self.sessions.create(model, state, next_logprobs, snapshot.state,
-                                    snapshot.last_token, snapshot.session_id,
-                                    snapshot.position)
+        if model.task == "lm" and snapshot.last_token >= len(model.vocab):
+            raise FailedPrecondition("state_token", "holds a token outside the vocabulary",
+                                     "STATE_TOKEN_UNUSABLE")
+        return model
 
-    async def _append(self, session: Session, encoded: Encoded, top_k: int) -> SessionStep:
+    async def _resumed_state(self, model: LoadedModel, snapshot: Snapshot
+                             ) -> tuple[np.ndarray, np.ndarray | None]:
+        if model.task != "lm":
+            return snapshot.state, None
+        step = await operations.resume(model, snapshot.state, snapshot.last_token)
+        return step.state, step.next_logprobs
+
+    async def _first_step(self, session: Session, encoded: Encoded, top_k: int,
+                          expected: int | None) -> SessionStep:
+        """The first step of a session this call put in the table: if it fails, the
+        session goes again, so a refused request leaves nothing behind."""
+        try:
+            step = await self._append(session, encoded, top_k, expected)
+        except BaseException:
+            if self.sessions.peek(session.id) is session:
+                self.sessions.discard(session.id)
+            raise
+        step.opened = True
+        return step
+
+    async def _append(self, session: Session, encoded: Encoded, top_k: int,
+                      expected: int | None) -> SessionStep:
+        """Reads `encoded` into the session, one Append at a time; `expected`: the
+        position the request's state token was issued at."""
         model = session.model
         async with session.lock:
-            session = self.sessions.get(session.id)  # it may have gone while waiting
-            position = session.position + len(encoded.ids)
+            current = self.sessions.get(session.id)  # it may have gone while waiting
+            if current is not session:  # removed, then resumed anew under its id
+                return await self._append(current, encoded, top_k, expected)
+            if expected is not None and session.position != expected:
+                raise FailedPrecondition(
+                    "state_token", f"is for position {expected} of session "
+                    f"{shown(session.id)}, which another request moved to position "
+                    f"{session.position}", "STATE_TOKEN_STALE")
+            read_at = session.position
+            position = read_at + len(encoded.ids)
             result = SessionStep(session.id, ModelId(model.name, model.version), position,
-                                 encoded.unknown)
+                                 encoded.unknown, generation=session.generation)
             next_logprobs = session.next_logprobs
             resume_state, last_token = session.resume_state, session.last_token
             if len(encoded.ids):
@@ -363,8 +518,10 @@ class Engine:
                     resume_state, last_token = step.previous, int(encoded.ids[-1])
                 else:
                     resume_state = step.state
-                # (if the session was evicted meanwhile, this Append still answers)
-                self.sessions.update(session, step.state, step.next_logprobs,
+                # Stored only if the table still holds this session where it was read
+                # (appends hold its lock, so only a removal meanwhile refuses it: the
+                # Append still answers, and its state token resumes from it).
+                self.sessions.update(session, read_at, step.state, step.next_logprobs,
                                      len(encoded.ids), resume_state, last_token)
                 self.metrics.tokens.labels(model.label, TOKEN_KINDS[model.task]).inc(
                     len(encoded.ids))

@@ -8,6 +8,8 @@ fault, so a client can fix its request.
 
 from __future__ import annotations
 
+SHOWN_CHARS = 64
+
 
 class EngineError(Exception):
     def __init__(self, message: str):
@@ -26,8 +28,10 @@ class InvalidArgument(EngineError):
 class LimitExceeded(InvalidArgument):
     """The request is over one of the server's configured limits, which is named."""
 
-    def __init__(self, limit: str, value: int, maximum: int, field: str):
-        super().__init__(field, f"{value} exceeds the server's limit {limit} = {maximum}")
+    def __init__(self, limit: str, value: int, maximum: int, field: str, what: str = "",
+                 unit: str = ""):
+        super().__init__(field, f"{what}{value}{unit} exceeds the server's limit {limit} = "
+                         f"{maximum}")
         self.limit, self.value, self.maximum = limit, value, maximum
 
 
@@ -68,3 +72,11 @@ class ExecutionFailed(EngineError):
 def shutting_down() -> Unavailable:
     return Unavailable("the server is shutting down and closed this stream; reconnect (another "
                        "replica will serve) and resume")
+
+
+def shown(value: str, quote: bool = True, limit: int = SHOWN_CHARS) -> str:
+    """A client's value as echoed in a message: cut to `limit` characters, so that an
+    error about a 1 MB id stays small (a gRPC status over the metadata limit would reach
+    the client as RESOURCE_EXHAUSTED instead of the error)."""
+    cut = value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
+    return repr(cut) if quote else cut

@@ -9,9 +9,16 @@ gone. A retired version is found by no new lookup, but finishes the requests it 
 goes on serving the sessions open on it, for at most `drain_s` (the session TTL); then
 those sessions end, the requests still running on it finish, and the version is released:
 its scheduler's thread and its ONNX Runtime session. A retired version back in the policy
-before it is released serves again (no second copy is loaded). A version that fails to
-load is skipped (logged once, retried at the next look), so a half-copied new version
-never takes the serving one down.
+before it is released serves again (no second copy is loaded).
+
+At start and at every look alike, versions are taken highest first until the policy is
+satisfied by versions that do load: one that fails to load (still being copied, corrupt)
+is logged once, recorded in `unavailable` with its reason (ListModels reports it) and
+retried at every look, and the next lower version takes its place; so a half-copied new
+version takes down neither the serving one nor, at a restart, the whole server. With
+`strict_start` the first version that fails at start stops the start; with nothing at all
+loaded the start fails, naming each failure. A version folder's name is ASCII digits, at
+most MAX_VERSION; other folders are skipped, logged once while they stay.
 """
 
 from __future__ import annotations
@@ -20,23 +27,48 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from serving.engine.config import VersionPolicy
-from serving.engine.errors import InvalidArgument, NotFound
+from serving.engine.errors import InvalidArgument, NotFound, shown
 from serving.engine.metrics import Metrics
 from serving.engine.scheduler import BatchLimits, Scheduler
-from serving.model.artifact import load_artifact
+from serving.model.artifact import MAX_VERSION, load_artifact, version_of
 from serving.model.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 TASK_NAMES = {"lm": "a language model", "tag": "a tagger", "classify": "a classifier"}
+
+
+class NoVersionLoaded(ValueError):
+    """At start, no version in the policy loaded (the message names each failure)."""
+
+
+class _PolicyWalk:
+    """The versions found, highest first, as the policy takes them: iterating yields each
+    `(name, version, path)` the policy would take next; `take()` says that the last one is
+    served (it loaded, or was loaded already). One not taken (it failed to load) leaves
+    its place to the next lower version."""
+
+    def __init__(self, policy: VersionPolicy, scanned: dict[str, list[tuple[int, Path]]]):
+        self.policy, self.scanned, self._taken = policy, scanned, 0
+
+    def __iter__(self) -> Iterator[tuple[str, int, Path]]:
+        for name, versions in self.scanned.items():
+            self._taken = 0
+            for version, path in versions:
+                if self.policy.wanted(version, self._taken):
+                    yield name, version, path
+
+    def take(self) -> None:
+        self._taken += 1
 
 
 @dataclass(eq=False)
@@ -144,7 +176,8 @@ def _free(model: LoadedModel) -> None:
 class ModelRepository:
     def __init__(self, root: str | Path, device: str, threads: int, allow_cpu_fallback: bool,
                  limits: BatchLimits, metrics: Metrics, spin_threads: bool = False,
-                 policy: VersionPolicy | None = None, drain_s: float = 600.0):
+                 policy: VersionPolicy | None = None, drain_s: float = 600.0,
+                 strict_start: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root}: no such directory")
@@ -153,7 +186,12 @@ class ModelRepository:
         self.policy = policy or VersionPolicy()
         self.drain_s = drain_s
         self.models: dict[str, dict[int, LoadedModel]] = {}
-        self._refused: dict[Path, int] = {}  # versions that failed to load: failed attempts
+        # the versions in the policy that failed to load at the last look, and why (paths
+        # in it relative to the repository); a version leaves it when it loads, or leaves
+        # the repository or the policy
+        self.unavailable: dict[tuple[str, int], str] = {}
+        self._refused: dict[Path, int] = {}  # their folders: failed attempts in a row
+        self._skipped: set[Path] = set()  # folders skipped at the last look (logged)
         self.retiring: dict[LoadedModel, asyncio.Task] = {}  # retired, and its release
         # set by the engine: how many sessions a version holds, and what to do with them
         # when it is released
@@ -161,36 +199,60 @@ class ModelRepository:
         self.on_release: Callable[[LoadedModel], None] = lambda model: None
         self._warned: set[str] = set()
         self.started = False
-        scanned = self._scan()
-        self._warn_unserved(scanned)
-        for name, version, path in self._wanted(scanned):
-            self._add(self._load(name, version, path))  # at start, a broken artifact stops
+        scanned = self._looked_at(self._scan())
+        failed: dict[tuple[str, int, Path], Exception] = {}
+        walk = _PolicyWalk(self.policy, scanned)
+        for name, version, path in walk:  # highest first, as `refresh` does
+            try:
+                model = self._load(name, version, path)
+            except Exception as error:
+                if strict_start:
+                    raise  # the first version that does not load stops the start
+                failed[name, version, path] = error
+                continue
+            self._add(model)
+            walk.take()
         if not self.models:
+            if failed:
+                raise NoVersionLoaded(
+                    f"model repository {self.root}: no version loaded; " + "; ".join(
+                        f"{name}/{version}: {error}"
+                        for (name, version, _), error in failed.items()))
             raise FileNotFoundError(f"model repository {self.root}: no models (expected "
                                     "NAME/VERSION/ artifact directories)")
+        self._settle(failed)  # the others serve; those retried at every look
 
     # -- the folder and the policy --------------------------------------------------------
-    def _scan(self) -> dict[str, list[tuple[int, Path]]]:
-        """Each model's version folders, highest first."""
-        found = {}
+    def _scan(self) -> tuple[dict[str, list[tuple[int, Path]]], dict[Path, str]]:
+        """Each model's version folders, highest first; and the folders skipped, with why
+        (hidden ones, where `recur export` stages a version, are passed over silently)."""
+        found, skipped = {}, {}
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            versions = sorted(((int(v.name), v) for v in model_dir.iterdir()
-                               if v.is_dir() and re.fullmatch(r"[0-9]+", v.name)), reverse=True)
-            if not versions:
-                log.warning("%s: no integer version directories; skipped", model_dir)
-                continue
-            found[model_dir.name] = versions
-        return found
+            versions = []
+            for folder in model_dir.iterdir():
+                if not folder.is_dir() or folder.name.startswith("."):
+                    continue
+                if (version := version_of(folder.name)) is None:
+                    skipped[folder] = (f"not a version folder (a version is ASCII digits, "
+                                       f"at most {MAX_VERSION})")
+                else:
+                    versions.append((version, folder))
+            if versions:
+                found[model_dir.name] = sorted(versions, reverse=True)
+            else:
+                skipped[model_dir] = "no version folders"
+        return found, skipped
 
-    def _wanted(self, scanned: dict[str, list[tuple[int, Path]]]
-                ) -> Iterable[tuple[str, int, Path]]:
-        """The versions the policy serves, highest first."""
-        for name, versions in scanned.items():
-            taken = 0
-            for version, path in versions:
-                if self.policy.wanted(version, taken):
-                    taken += 1
-                    yield name, version, path
+    def _looked_at(self, scan: tuple[dict[str, list[tuple[int, Path]]], dict[Path, str]]
+                   ) -> dict[str, list[tuple[int, Path]]]:
+        """Logs each folder skipped once while it stays (not at every look), and the models
+        whose versions the policy serves none of; returns the versions found."""
+        scanned, skipped = scan
+        for path in sorted(skipped.keys() - self._skipped):
+            log.warning("%s: %s; skipped", path, skipped[path])
+        self._skipped = set(skipped)
+        self._warn_unserved(scanned)
+        return scanned
 
     def _warn_unserved(self, scanned: dict[str, list[tuple[int, Path]]]) -> None:
         """Once per model: one whose versions the policy (`specific:`) serves none of."""
@@ -232,25 +294,27 @@ class ModelRepository:
         the event loop, so requests keep flowing) and unloads those that left it; returns
         the labels loaded. A version that fails to load (still being copied, or corrupt) is
         logged once and retried at the next refresh."""
-        scanned = await asyncio.to_thread(self._scan)
-        self._warn_unserved(scanned)
+        scanned = self._looked_at(await asyncio.to_thread(self._scan))
         fresh: list[LoadedModel] = []
         wanted: set[tuple[str, int]] = set()
-        # highest first, until the policy is satisfied by versions that do load
-        for name, versions in scanned.items():
-            taken = 0
-            for version, path in versions:
-                if not self.policy.wanted(version, taken):
+        failed: dict[tuple[str, int, Path], Exception] = {}
+        walk = _PolicyWalk(self.policy, scanned)
+        for name, version, path in walk:  # highest first, as at start
+            # back in the policy while its old instance drains: that one serves again
+            if version not in self.models.get(name, {}) and not self._revive(name, version):
+                try:
+                    model = await asyncio.to_thread(self._load, name, version, path)
+                except Exception as error:  # noqa: BLE001 (any failure: skip it, keep serving)
+                    failed[name, version, path] = error
                     continue
-                # back in the policy while its old instance drains: that one serves again
-                if version not in self.models.get(name, {}) and not self._revive(name,
-                                                                                 version):
-                    model = await self._try_load(name, version, path)
-                    if model is None:
-                        continue
-                    fresh.append(model)
-                taken += 1
-                wanted.add((name, version))
+                if attempts := self._refused.get(path):
+                    log.info("%s: loaded after %d failed attempts", path, attempts)
+                fresh.append(model)
+            walk.take()
+            wanted.add((name, version))
+        # nothing awaits from here on: ListModels sees the versions served and the record of
+        # those that failed change together
+        self._settle(failed)
         for model in fresh:
             self._add(model)
             log.info("loaded %s", model.label)
@@ -258,18 +322,28 @@ class ModelRepository:
             self.unload(model)
         return [model.label for model in fresh]
 
-    async def _try_load(self, name: str, version: int, path: Path) -> LoadedModel | None:
-        try:
-            model = await asyncio.to_thread(self._load, name, version, path)
-        except Exception as error:  # noqa: BLE001 (any failure: skip it, keep serving)
-            attempts = self._refused.get(path, 0)
-            if attempts == 0:  # once: a copy in progress fails differently at every look
-                log.warning("%s: not loaded (retried at every look): %s", path, error)
-            self._refused[path] = attempts + 1
-            return None
-        if attempts := self._refused.pop(path, 0):
-            log.info("%s: loaded after %d failed attempts", path, attempts)
-        return model
+    def _settle(self, failed: dict[tuple[str, int, Path], Exception]) -> None:
+        """Records the versions that failed to load at this look, in place of the last
+        look's. Each folder is logged at its first failure in a row only (a copy in
+        progress fails differently at every look)."""
+        refused = {}
+        for (_, _, path), error in failed.items():
+            if path not in self._refused:
+                log.warning("%s: not loaded (retried at every look at the repository): %s",
+                            path, error)
+            refused[path] = self._refused.get(path, 0) + 1
+        self._refused = refused
+        self.unavailable = {(name, version): self._reason(error)
+                            for (name, version, _), error in failed.items()}
+
+    def _reason(self, error: Exception) -> str:
+        """Why a version did not load, as clients are told: with the paths in it relative
+        to the repository."""
+        if self.root == Path("."):
+            return str(error)
+        # the root where a path starts: at the start, or after a space, a quote or a bracket
+        return re.sub(rf"(?<![^\s'\"(\[]){re.escape(str(self.root) + os.sep)}", "",
+                      str(error))
 
     def unload(self, model: LoadedModel) -> None:
         """Retires the version now: no new lookup finds it. It is released once nothing
@@ -352,11 +426,11 @@ class ModelRepository:
             raise InvalidArgument(version_field, f"must be >= 0, got {version}")
         versions = self.models.get(name)
         if versions is None:
-            raise NotFound(f"{name_field}: no model named {name!r} (serving: "
+            raise NotFound(f"{name_field}: no model named {shown(name)} (serving: "
                            f"{', '.join(sorted(self.models))})", model=name)
         model = versions.get(version) if version else max(versions.items())[1]
         if model is None:
-            raise NotFound(f"{version_field}: model {name!r} has no version {version} "
+            raise NotFound(f"{version_field}: model {shown(name)} has no version {version} "
                            f"(serving: {', '.join(map(str, sorted(versions)))}; version "
                            f"policy {self.policy})", model=name)
         if task is not None and model.task != task:

@@ -87,3 +87,5 @@ class SessionStep:
     tagged: Tagged | None = None  # unidirectional taggers: the appended tokens' tags
     classified: Classified | None = None  # classifiers: the distribution of the text so far
     state_token: bytes = b""
+    opened: bool = False  # this call brought the session here (created or resumed it)
+    generation: int = 0  # which incarnation of the id (Engine.end_session)

@@ -6,8 +6,13 @@ A step is a piece of one sequence: its tokens, the state it starts from, and (la
 models) the targets to score. Sequences join or leave between calls: a completion submits
 its next step as soon as it has its token, and runs in whatever call comes next. Steps are
 grouped by length bucket (lengths within 2x of each other) under a token budget, the oldest
-bucket first, so a one-token step never waits behind a long chunk's padding for long. The
-queue is bounded: when it is full, submit raises Overloaded.
+bucket first, so a one-token step never waits behind a long chunk's padding for long.
+
+Admission is whole: a request is admitted (`admit`) for all the sequences it will run at
+once (a Score's inputs, a completion's samples, an Append's one) before it starts, and
+holds them until it ends, so `max_queue` bounds the sequences in flight and an admitted
+request never fails halfway for want of room. A request that does not fit is refused
+before it starts (Overloaded); streams wait for room instead (`admit_when_room`).
 
 The ONNX Runtime call runs on one worker thread per model (ONNX Runtime releases the GIL
 while it computes), so the event loop stays free meanwhile: reads, writes and new requests
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.engine.errors import ExecutionFailed, Overloaded
+from serving.engine.errors import ExecutionFailed, Overloaded, Unavailable
 from serving.engine.metrics import Metrics
 from serving.model.runtime import ModelRuntime
 from serving.model.sampler import SamplingParams, sample_batch
@@ -48,6 +53,24 @@ class Step:
     future: asyncio.Future
     enqueued: float
     sampler: Sampler | None = None  # a completion's: its next token is drawn in the batch
+
+
+class Admission:
+    """Sequences admitted on a scheduler, held until `release()` (idempotent)."""
+
+    def __init__(self, scheduler: Scheduler, count: int):
+        self._scheduler, self.count = scheduler, count
+
+    def release(self, *_) -> None:
+        if self.count:
+            self._scheduler._release(self.count)
+            self.count = 0
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 @dataclass
@@ -77,7 +100,8 @@ class Scheduler:
                  metrics: Metrics):
         self.runtime, self.label, self.limits = runtime, label, limits
         self._buckets: dict[int, deque[Step]] = {}
-        self._count = 0
+        self._count = 0  # steps pending
+        self.admitted = 0  # sequences admitted and not yet finished
         # seconds a lone one-token step takes, measured; None until one has run
         self.lone_step_s: float | None = None
         self._wake = asyncio.Event()
@@ -112,25 +136,34 @@ class Scheduler:
     def depth(self) -> int:
         return self._count
 
-    def reserve(self, count: int) -> None:
-        """Refuses up front work that would not fit, so a request is admitted whole."""
-        if self._count + count > self.limits.max_queue:
+    def admit(self, count: int) -> Admission:
+        """Admits `count` sequences now, or refuses the whole request (Overloaded)."""
+        if self.closed:
+            raise Unavailable(f"model {self.label} is no longer served here; retry")
+        if self.admitted + count > self.limits.max_queue:
             self._rejected.inc()
-            raise Overloaded(f"model {self.label}: queue full ({self._count} of "
-                             f"max_queue={self.limits.max_queue} steps pending)", 0.05)
+            raise Overloaded(f"model {self.label}: queue full ({self.admitted} of "
+                             f"max_queue={self.limits.max_queue} sequences in flight)", 0.05)
+        self.admitted += count
+        return Admission(self, count)
 
-    async def wait_for_room(self, count: int = 1) -> None:
-        """For streams: wait (instead of failing) until the queue has room for `count`."""
-        while self._count + count > self.limits.max_queue:
+    async def admit_when_room(self, count: int) -> Admission:
+        """For streams: waits (instead of refusing) until `count` sequences fit."""
+        while self.admitted + count > self.limits.max_queue:
             self._room.clear()
             await self._room.wait()
+        return self.admit(count)
+
+    def _release(self, count: int) -> None:
+        self.admitted -= count
+        self._room.set()
 
     def submit(self, tokens: np.ndarray, state: np.ndarray | None,
                targets: np.ndarray | None = None,
                sampler: Sampler | None = None) -> asyncio.Future:
         """Queues one step. With a sampler (completions), the result also carries the next
-        token, drawn on the worker for all such rows of the batch at once (sample_batch)."""
-        self.reserve(1)
+        token, drawn on the worker for all such rows of the batch at once (sample_batch).
+        The caller holds an admission for the sequence (`admit`)."""
         step = Step(tokens, state, targets, asyncio.get_running_loop().create_future(),
                     time.perf_counter(), sampler)
         self._buckets.setdefault(len(tokens).bit_length(), deque()).append(step)
@@ -157,8 +190,6 @@ class Scheduler:
                     await asyncio.sleep(wait)
             batch = self._take()
             self._depth.set(self._count)
-            if self._count < self.limits.max_queue:
-                self._room.set()
             if not batch:
                 continue
             started = time.perf_counter()

@@ -104,8 +104,9 @@ class StateTokenKeys:
             raise TokenRejected(f"state token format {fmt} is not supported (expected "
                                 f"{FORMAT})")
         key = self.keys.get(kid)
-        if key is None:
-            raise TokenRejected("state token was signed with a key this server does not hold")
+        if key is None:  # genuine perhaps, with a key retired since: not the client's fault
+            raise TokenRejected("state token was signed with a key this server does not hold "
+                                "(retired, or another deployment's)", precondition=True)
         if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
             raise TokenRejected("state token failed authentication (altered or truncated)")
         # authentic from here on: what remains are checks of a genuine token

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -75,14 +76,31 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The highest version a folder may name: versions travel in protobuf int64 fields (ModelRef,
+# ModelInfo), and Triton too reads version folders as int64 (std::stoll), not int32.
+MAX_VERSION = 2**63 - 1
+
+
+def version_of(folder_name: str) -> int | None:
+    """The version a folder's name gives (1 to MAX_VERSION in ASCII digits, without
+    leading zeros), or None. Leading zeros are refused, as newer Triton does: `1` and `01`
+    would otherwise be two folders of one version, the second loaded over the first; and
+    0, which requests use to mean "the highest version", could not be asked for."""
+    if not re.fullmatch(r"[1-9][0-9]{0,18}", folder_name):
+        return None
+    version = int(folder_name)
+    return version if version <= MAX_VERSION else None
+
+
 def write_artifact(out: str | Path, onnx_bytes: bytes, vocab: Vocabulary,
                    labels: LabelSet | None, metadata: dict[str, Any],
                    check: Callable[[Path], None] | None = None) -> Path:
     """Writes the directory atomically: into a temporary sibling, then renamed into place.
     `check(staging_dir)` runs before the rename; if it raises, nothing is published."""
     out = Path(out)
-    if not out.name.isdigit():
-        raise ArtifactError(f"{out}: the last path component must be an integer version")
+    if version_of(out.name) is None:
+        raise ArtifactError(f"{out}: the last path component must be a version (1 to "
+                            f"{MAX_VERSION} in ASCII digits, without leading zeros)")
     if out.exists():
         raise ArtifactError(f"{out}: already exists; versions are immutable, use a new one")
     out.parent.mkdir(parents=True, exist_ok=True)

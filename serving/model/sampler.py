@@ -11,10 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Temperatures below this are greedy (as in vLLM): dividing by a smaller one sends every
+# logit but the largest to -inf in float32, and a draw from that is no draw at all.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) means greedy
     top_k: int = 0  # 0 means no limit
     top_p: float = 1.0  # nucleus mass in (0, 1]
 
@@ -25,6 +29,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
 
 def make_rng(seed: int, sample_index: int = 0) -> np.random.Generator:
@@ -38,9 +46,11 @@ def sample_next(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Gen
     vocabulary order, top-k uses a partial partition, and the draw never builds a
     cumulative sum over the whole vocabulary (see `draw`), so plain sampling over a large
     vocabulary costs a few vectorised passes: it runs once per token of every stream."""
+    if params.greedy:
+        return _argmax(logprobs)
     logits = _scaled(logprobs, params.temperature)
-    if params.temperature == 0.0:
-        return int(np.argmax(logits))
+    if not np.isfinite(logits.max()):  # nothing finite to draw from (or a NaN)
+        return _argmax(logprobs)
     candidates = None
     if 0 < params.top_k < len(logits):
         # the k largest, ties broken by the lower id; in vocabulary order
@@ -74,7 +84,8 @@ def sample_batch(logprobs: np.ndarray, params: Sequence[SamplingParams],
     tokens = np.empty(len(logprobs), np.int64)
     by_temperature: dict[float, list[int]] = {}
     for row, p in enumerate(params):
-        if p.temperature > 0 and p.top_p == 1.0 and not 0 < p.top_k < logprobs.shape[1]:
+        if (not p.greedy and p.top_p == 1.0 and not 0 < p.top_k < logprobs.shape[1]
+                and np.isfinite(logprobs[row].max())):
             by_temperature.setdefault(p.temperature, []).append(row)
         else:
             tokens[row] = sample_next(logprobs[row], p, rngs[row])
@@ -82,6 +93,12 @@ def sample_batch(logprobs: np.ndarray, params: Sequence[SamplingParams],
         logits = _scaled(logprobs[rows], temperature)
         tokens[rows] = draw(_weights(logits), np.array([rngs[row].random() for row in rows]))
     return tokens
+
+
+def _argmax(logprobs: np.ndarray) -> int:
+    """The most likely token, a NaN counting as impossible."""
+    values = np.asarray(logprobs, np.float64)
+    return int(np.argmax(np.where(np.isnan(values), -np.inf, values)))
 
 
 def _scaled(logprobs: np.ndarray, temperature: float) -> np.ndarray:

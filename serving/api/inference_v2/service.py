@@ -16,25 +16,35 @@ for stateful use, `sequence_id` (uint64 or string), `sequence_start`, `sequence_
 creates the session from its input, later ones append to it and return the appended
 tokens' log-probs, the last (sequence_end) closes it. Responses of a sequence carry the
 session's `state_token` (base64) as a parameter when the server has state token keys.
-A request is checked whole (inputs, parameters, requested outputs) before it runs.
+A request is checked whole (inputs, parameters, requested outputs, the size of its
+response) before it runs.
+
+Sequence ids are per model, as in Triton: id 7 of one model is not id 7 of another. Within
+a model they are one namespace shared by every client of the server, so an id is only as
+private as it is hard to guess: clients that must not reach each other's sequences use
+random string ids (or separate servers). A sequence is forgotten when its session ends
+(sequence_end, expiry, eviction, its model version unloaded).
 """
 
 from __future__ import annotations
 
 import base64
-from collections import OrderedDict
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
+import grpc
 import numpy as np
 
 from serving.api.inference_v2 import tensors
+from serving.api.rpc.auth import peer_of
 from serving.api.rpc.handlers import rpc, until_closing
 from serving.api.rpc.status import code_of
 from serving.engine.engine import Engine
-from serving.engine.errors import EngineError, InvalidArgument, NotFound
+from serving.engine.errors import EngineError, InvalidArgument, LimitExceeded, NotFound, shown
 from serving.engine.inputs import Input
 from serving.engine.repository import LoadedModel
 from serving.engine.results import Classified, Scored, SessionStep, Tagged
+from serving.model.artifact import MAX_VERSION
 from serving.proto_gen.inference import grpc_service_pb2 as v2
 from serving.proto_gen.inference import grpc_service_pb2_grpc as v2_grpc
 from serving.proto_gen.inference import model_config_pb2 as mc
@@ -60,9 +70,17 @@ def _server_version() -> str:
 
 
 class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine):
-        self.engine, self.metrics = engine, engine.metrics
-        self.sequences: OrderedDict[str, str] = OrderedDict()  # sequence id -> session id
+    def __init__(self, engine: Engine, max_message_bytes: int = 4 << 20,
+                 max_sequence_id_bytes: int = 128,
+                 client_of: Callable[[grpc.aio.ServicerContext], str] = peer_of):
+        self.engine, self.metrics, self.client_of = engine, engine.metrics, client_of
+        self.max_message_bytes, self.max_sequence_id_bytes = (max_message_bytes,
+                                                              max_sequence_id_bytes)
+        # (model name, sequence id) -> session id, and back; an entry leaves with its
+        # session, so the map is bounded by the session table
+        self.sequences: dict[tuple[str, str], str] = {}
+        self._sequence_of: dict[str, tuple[str, str]] = {}
+        engine.on_session_removed(self._forget)
 
     # -- health and metadata --------------------------------------------------------------
     @rpc(SERVICE)
@@ -127,15 +145,17 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     # -- inference ------------------------------------------------------------------------
     @rpc(SERVICE)
     async def ModelInfer(self, request: v2.ModelInferRequest, context) -> v2.ModelInferResponse:
-        return await self._infer(request)
+        return await self._infer(request, self.client_of(context))
 
     @rpc(SERVICE)
     async def ModelStreamInfer(self, requests, context) -> None:
         """Requests run in order; a failed one answers with its error_message and the
         stream goes on, as Triton's does."""
+        client = self.client_of(context)
         async for request in until_closing(requests, self.engine.closing):
             try:
-                response = v2.ModelStreamInferResponse(infer_response=await self._infer(request))
+                response = v2.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, client))
             except EngineError as error:
                 response = v2.ModelStreamInferResponse(
                     error_message=f"{code_of(error).name}: {error.message}",
@@ -143,7 +163,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                                                          id=request.id))
             await context.write(response)
 
-    async def _infer(self, request: v2.ModelInferRequest) -> v2.ModelInferResponse:
+    async def _infer(self, request: v2.ModelInferRequest, client: str) -> v2.ModelInferResponse:
         model = self._model(request.model_name, request.model_version, "model_name",
                             "model_version")
         inputs = self._inputs(request)
@@ -153,11 +173,11 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         for index, name in enumerate(wanted):
             if name not in outputs:
                 raise InvalidArgument(f"outputs[{index}].name", f"{model.label} has no output "
-                                      f"{name!r} (outputs: {', '.join(outputs)})")
-        sequence = _sequence_id(parameters)
+                                      f"{shown(name)} (outputs: {', '.join(outputs)})")
+        sequence = _sequence_id(parameters, self.max_sequence_id_bytes)
         if sequence:
             model, tensors_out, extra = await self._sequence_step(
-                model, bool(request.model_version), sequence, inputs, parameters)
+                model, bool(request.model_version), sequence, inputs, parameters, client)
         else:
             tensors_out, extra = await self._stateless(model, inputs, parameters), {}
         response = v2.ModelInferResponse(model_name=model.name, model_version=str(model.version),
@@ -170,9 +190,10 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         return response
 
     def _model(self, name: str, version: str, name_field: str, version_field: str):
-        if version and not version.isdigit():
-            raise InvalidArgument(version_field, f"must be an integer version or empty, got "
-                                  f"{version!r}")
+        if version and not (version.isascii() and version.isdigit() and len(version) <= 19
+                            and int(version) <= MAX_VERSION):
+            raise InvalidArgument(version_field, f"must be a version number (ASCII digits) "
+                                  f"or empty, got {shown(version)}")
         return self.engine.model(name, int(version or 0), name_field=name_field,
                                  version_field=version_field)
 
@@ -185,13 +206,15 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         for index, tensor in enumerate(request.inputs):
             field = f"inputs[{index}]"
             if tensor.name not in INPUTS:
-                raise InvalidArgument(f"{field}.name", f"unknown input {tensor.name!r} "
+                raise InvalidArgument(f"{field}.name", f"unknown input {shown(tensor.name)} "
                                       f"(inputs: {', '.join(INPUTS)})")
             if tensor.name in given:
                 raise InvalidArgument(f"{field}.name", f"input {tensor.name!r} given twice")
             if tensor.datatype != INPUTS[tensor.name][0]:
                 raise InvalidArgument(f"{field}.datatype", f"{tensor.name} is "
-                                      f"{INPUTS[tensor.name][0]}, not {tensor.datatype!r}")
+                                      f"{INPUTS[tensor.name][0]}, not "
+                                      f"{shown(tensor.datatype)}")
+            self._check_shape(tensor, field)
             given[tensor.name] = tensors.read_input(tensor, raw[index] if raw else None, field)
         if len(given) != 1:
             raise InvalidArgument("inputs", "give exactly one of TEXT (BYTES) and TOKEN_IDS "
@@ -217,50 +240,81 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             rows.append(Input(ids=row[:end].tolist(), field=f"inputs[TOKEN_IDS][{number}]"))
         return rows
 
+    def _check_shape(self, tensor, field: str) -> None:
+        """The declared batch and row length against the limits, before any row is read
+        (each row costs a little work: a million of them, seconds)."""
+        config, shape = self.engine.config, list(tensor.shape)
+        if len(shape) >= 1 and shape[0] > config.max_sequences_per_request:
+            raise LimitExceeded("max_sequences_per_request", shape[0],
+                                config.max_sequences_per_request, f"{field}.shape")
+        if tensor.name == "TOKEN_IDS" and len(shape) >= 2 and (
+                shape[-1] > config.max_tokens_per_sequence):
+            raise LimitExceeded("max_tokens_per_sequence", shape[-1],
+                                config.max_tokens_per_sequence, f"{field}.shape")
+
     async def _stateless(self, model: LoadedModel, inputs: list[Input], parameters) -> dict:
+        check = self._response_limit(model)
         if model.task == "lm":
             add_eos = _bool(parameters, "add_eos", True)
-            return _lm_outputs(await self.engine.score(model, inputs, add_eos))
+            return _lm_outputs(await self.engine.score(model, inputs, add_eos, check=check))
         if model.task == "tag":
-            return _tag_outputs(await self.engine.tag(model, inputs))
+            return _tag_outputs(await self.engine.tag(model, inputs, check=check))
         return _class_outputs(await self.engine.classify(model, inputs))
 
+    def _response_limit(self, model: LoadedModel):
+        """A Check: the padded output tensors of a batch must fit in one message (an lm's
+        rows are one token longer with add_eos; a tagger's tags are BYTES)."""
+        per_token = 8 if model.task == "lm" else 8 + max(map(len, model.labels), default=0)
+
+        def check(encoded) -> None:
+            size = len(encoded) * (max(len(e.ids) for e in encoded) + 1) * per_token
+            if size > self.max_message_bytes:
+                raise LimitExceeded("max_message_bytes", size, self.max_message_bytes,
+                                    "inputs", "a response of up to ", " bytes")
+
+        return check
+
+    def _forget(self, session_id: str) -> None:
+        if (key := self._sequence_of.pop(session_id, None)) is not None:
+            self.sequences.pop(key, None)
+
     async def _sequence_step(self, model: LoadedModel, named: bool, sequence: str,
-                             inputs: list[Input], parameters
+                             inputs: list[Input], parameters, client: str
                              ) -> tuple[LoadedModel, dict, dict]:
         """(the version that served, outputs, response parameters). `named`: the request
         named its version; one that does not goes on with the version its sequence started
         on, through a rollout."""
         if len(inputs) != 1:
-            raise InvalidArgument("inputs", f"a request of sequence {sequence} carries one "
+            raise InvalidArgument("inputs", f"a request of sequence {shown(sequence)} carries one "
                                   f"sequence (batch 1), got {len(inputs)}")
         engine, (item,) = self.engine, inputs
         start, end = (_bool(parameters, "sequence_start", False),
                       _bool(parameters, "sequence_end", False))
+        key = (model.name, sequence)
         if start:
-            if (old := self.sequences.pop(sequence, None)) and engine.has_session(old):
-                engine.close_session(old)
-            step = await engine.create_session(model, item)
+            step = await engine.create_session(model, item, client=client,
+                                               check=self._response_limit(model))
+            # the new session is made first: a refused start leaves the old one running
+            if (old := self.sequences.get(key)) is not None and engine.has_session(old):
+                engine.close_session(old)  # forgets the key too
             runs_on = model
-            self.sequences[sequence] = step.session_id
-            while len(self.sequences) > engine.config.max_sessions:
-                self.sequences.popitem(last=False)
+            self.sequences[key] = step.session_id
+            self._sequence_of[step.session_id] = key
         else:
-            session_id = self.sequences.get(sequence)
+            session_id = self.sequences.get(key)
             if session_id is None:
-                raise InvalidArgument("parameters.sequence_id", f"sequence {sequence} has not "
-                                      "started here: its first request sets "
-                                      "sequence_start=true")
+                raise InvalidArgument("parameters.sequence_id", f"sequence {shown(sequence)} "
+                                      f"of model {shown(model.name)} has not started here (or "
+                                      "has ended): its first request sets sequence_start=true")
             runs_on = engine.session_model(session_id, "parameters.sequence_id")
             if runs_on.name != model.name or runs_on.task != model.task or (
                     named and runs_on is not model):
-                raise InvalidArgument("model_name", f"sequence {sequence} runs on "
+                raise InvalidArgument("model_name", f"sequence {shown(sequence)} runs on "
                                       f"{runs_on.label}, not {model.label}")
-            step = await engine.append(session_id, item, allow_empty=True)
-        if end:
-            self.sequences.pop(sequence, None)
-            if engine.has_session(step.session_id):
-                engine.close_session(step.session_id)
+            step = await engine.append(session_id, item, allow_empty=True, client=client,
+                                       check=self._response_limit(runs_on))
+        if end and engine.has_session(step.session_id):
+            engine.close_session(step.session_id)
         extra = ({"state_token": base64.b64encode(step.state_token).decode()}
                  if step.state_token else {})
         return runs_on, _session_outputs(runs_on, step), extra
@@ -310,13 +364,16 @@ def _class_outputs(results: list[Classified]) -> dict:
     return {"LABEL": (labels, "BYTES"), "CLASS_PROBS": (probs, "FP32")}
 
 
-def _sequence_id(parameters) -> str:
+def _sequence_id(parameters, max_bytes: int) -> str:
     """The sequence id as text ("" when absent or 0, which means no sequence)."""
     if "sequence_id" not in parameters:
         return ""
     value = parameters["sequence_id"]
     kind = value.WhichOneof("parameter_choice")
     if kind == "string_param":
+        if len(value.string_param.encode()) > max_bytes:
+            raise LimitExceeded("max_sequence_id_bytes", len(value.string_param.encode()),
+                                max_bytes, "parameters.sequence_id", "", " bytes")
         return value.string_param
     if kind in ("uint64_param", "int64_param"):
         number = getattr(value, kind)

@@ -67,6 +67,12 @@ def read_input(tensor: v2.ModelInferRequest.InferInputTensor, raw: bytes | None,
     count = _elements(tensor.shape, f"{field}.shape")
     if raw is not None:
         if datatype == "BYTES":
+            # each element takes at least its 4-byte length: checked before allocating
+            # anything by the declared shape
+            if count * 4 > len(raw):
+                raise InvalidArgument(field, f"raw contents are {len(raw)} bytes; shape "
+                                      f"{list(tensor.shape)} of BYTES needs at least "
+                                      f"{count * 4} (4 a length prefix)")
             values = np.empty(count, object)
             values[:] = decode_bytes(raw, count, field)
         else:

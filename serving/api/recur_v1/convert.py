@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from serving.engine.decoding import EOS, LENGTH, STOP, FinishEvent, TokenEvent
-from serving.engine.inputs import Input
+from serving.engine.errors import LimitExceeded
+from serving.engine.inputs import Encoded, Input
 from serving.engine.repository import LoadedModel
 from serving.engine.results import Classified, ModelId, Scored, SessionStep, Tagged
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
@@ -23,8 +26,22 @@ def to_input(message: pb.Input, field: str) -> Input | None:
     return None
 
 
-def to_inputs(messages, field: str) -> list[Input | None]:
-    return [to_input(m, f"{field}[{i}]") for i, m in enumerate(messages)]
+class _Inputs(Sequence):
+    """A request's Inputs, converted as they are read: the engine checks their number
+    first, so a request of a million inputs is refused before a million are built."""
+
+    def __init__(self, messages, field: str):
+        self._messages, self._field = messages, field
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __getitem__(self, index: int) -> Input | None:
+        return to_input(self._messages[index], f"{self._field}[{index}]")
+
+
+def to_inputs(messages, field: str) -> Sequence[Input | None]:
+    return _Inputs(messages, field)
 
 
 def model_ref(model: LoadedModel | ModelId) -> pb.ModelRef:
@@ -75,3 +92,37 @@ def completion_message(event: TokenEvent | FinishEvent, model: LoadedModel
             id=event.id, text=event.text, logprob=event.logprob))
     return pb.CompleteResponse(index=event.index, finish_reason=FINISH_REASONS[event.reason],
                                text=event.text, model=model_ref(model))
+
+
+# Upper bounds of a response's size in bytes, so that a request whose answer could not be
+# sent (over max_message_bytes) is refused before it runs instead of after. A Token costs
+# at most its text plus 20 bytes (tags, lengths, a 10-byte id, a 4-byte float); a sequence
+# or a session response adds at most 64 more.
+TOKEN_OVERHEAD, SEQUENCE_OVERHEAD = 20, 64
+
+
+def response_bytes(encoded: Sequence[Encoded], extra_tokens: int = 0,
+                   token_text_bytes: int = 0) -> int:
+    """The most bytes a response listing each input's tokens (plus `extra_tokens` each,
+    such as a scored `<eos>`, and `token_text_bytes` more text a token, such as a tag)
+    can take. Text is counted in characters: a non-ASCII word may be up to 4x longer."""
+    total = 0
+    for e in encoded:
+        tokens = len(e.ids) + extra_tokens
+        total += (SEQUENCE_OVERHEAD + tokens * (TOKEN_OVERHEAD + token_text_bytes)
+                  + sum(map(len, e.words)) + extra_tokens * 8)
+    return total
+
+
+def response_limit(max_bytes: int, field: str, extra_tokens: int = 0,
+                   token_text_bytes: int = 0):
+    """A Check (serving/engine/engine.py) refusing requests whose response could exceed
+    `max_bytes`."""
+
+    def check(encoded: Sequence[Encoded]) -> None:
+        size = response_bytes(encoded, extra_tokens, token_text_bytes)
+        if size > max_bytes:
+            raise LimitExceeded("max_message_bytes", size, max_bytes, field,
+                                "a response of up to ", " bytes")
+
+    return check

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from serving.api.recur_v1.convert import class_probabilities, model_ref, tagged_tokens, to_inputs
+from serving.api.recur_v1.convert import (
+    class_probabilities,
+    model_ref,
+    response_limit,
+    tagged_tokens,
+    to_inputs,
+)
 from serving.api.rpc.handlers import rpc
 from serving.engine.engine import Engine
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
@@ -10,13 +16,17 @@ from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
 
 
 class TaggerService(pb_grpc.TaggerServicer):
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_message_bytes: int = 4 << 20):
         self.engine, self.metrics = engine, engine.metrics
+        self.max_message_bytes = max_message_bytes
 
     @rpc("Tagger")
     async def Tag(self, request: pb.TagRequest, context) -> pb.TagResponse:
         model = self.engine.model(request.model.name, request.model.version, "tag")
-        results = await self.engine.tag(model, to_inputs(request.inputs, "inputs"))
+        longest_tag = max(map(len, model.labels), default=0)
+        results = await self.engine.tag(
+            model, to_inputs(request.inputs, "inputs"),
+            check=response_limit(self.max_message_bytes, "inputs", 0, longest_tag + 2))
         response = pb.TagResponse(model=model_ref(model))
         for tagged in results:
             response.results.add().tokens.extend(tagged_tokens(tagged))

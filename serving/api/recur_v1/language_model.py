@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+
+import grpc
 
 from serving.api.recur_v1.convert import (
+    TOKEN_OVERHEAD,
     completion_message,
     model_ref,
+    response_limit,
     sequence_score,
     session_response,
     to_input,
     to_inputs,
 )
+from serving.api.rpc.auth import peer_of
 from serving.api.rpc.handlers import rpc, until_closing
 from serving.engine.engine import Engine
 from serving.engine.errors import Unavailable
@@ -19,27 +25,40 @@ from serving.proto_gen.recur.v1 import recur_pb2 as pb
 from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
 
 SERVICE = "LanguageModel"
+# What a stream holds per token in flight, counted against stream_window_bytes: its id,
+# word and log-prob as Python objects, then as a Token in the response (measured: about
+# 120 bytes).
+TOKEN_BYTES = 128
 
 
 class LanguageModelService(pb_grpc.LanguageModelServicer):
-    def __init__(self, engine: Engine, stream_window: int):
-        self.engine, self.metrics, self.stream_window = engine, engine.metrics, stream_window
+    def __init__(self, engine: Engine, stream_window: int,
+                 stream_window_bytes: int = 16 << 20, max_message_bytes: int = 4 << 20,
+                 client_of: Callable[[grpc.aio.ServicerContext], str] = peer_of):
+        """`client_of` names the caller, for per-client session quotas
+        (serving/api/rpc/auth.py)."""
+        self.engine, self.metrics, self.client_of = engine, engine.metrics, client_of
+        self.stream_window, self.stream_window_bytes = stream_window, stream_window_bytes
+        self.max_message_bytes = max_message_bytes
 
     # -- scoring --------------------------------------------------------------------------
     @rpc(SERVICE)
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         model = self.engine.model(request.model.name, request.model.version, "lm")
         add_eos = request.add_eos if request.HasField("add_eos") else True
-        scores = await self.engine.score(model, to_inputs(request.inputs, "inputs"), add_eos)
+        scores = await self.engine.score(
+            model, to_inputs(request.inputs, "inputs"), add_eos,
+            check=response_limit(self.max_message_bytes, "inputs", int(add_eos)))
         return pb.ScoreResponse(scores=[sequence_score(s) for s in scores],
                                 model=model_ref(model))
 
     @rpc(SERVICE)
     async def ScoreStream(self, requests, context) -> None:
-        """Reads a message only while fewer than `stream_window` sequences are outstanding:
-        beyond that, HTTP/2 flow control holds the client back, so memory stays bounded."""
+        """Reads a message only while fewer than `stream_window` sequences and
+        `stream_window_bytes` bytes are outstanding: beyond that, HTTP/2 flow control holds
+        the client back, so a stream's memory stays bounded however slowly it reads."""
         engine = self.engine
-        window = _Window(self.stream_window)
+        window = _Window(self.stream_window, self.stream_window_bytes)
         ordered: asyncio.Queue = asyncio.Queue()
 
         async def read() -> None:
@@ -51,20 +70,24 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 encoded = engine.prepare_scores(
                     model, to_inputs(request.inputs, f"{field}: inputs"), add_eos,
                     f"{field}: inputs")
+                response_limit(self.max_message_bytes, f"{field}: inputs",
+                               int(add_eos))(encoded)
                 count = len(encoded)
                 # the version is held from its lookup, through the waits, to the end of
                 # the work, so that a rollout meanwhile does not unload it under us
+                cost = request.ByteSize() + TOKEN_BYTES * sum(len(e.ids) for e in encoded)
                 model.acquire()
                 try:
-                    await window.acquire(count)
-                    await engine.wait_for_room(model, count)
+                    await window.acquire(count, cost)
+                    admission = await engine.admit_when_room(model, count)
                     work = asyncio.ensure_future(engine.score_prepared(model, encoded,
                                                                        add_eos))
                 except BaseException:
                     model.release()
                     raise
                 work.add_done_callback(model.release)
-                ordered.put_nowait((request.id, count, work))
+                work.add_done_callback(admission.release)
+                ordered.put_nowait((request.id, count, cost, work))
             ordered.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
@@ -78,15 +101,15 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                     reader.result()  # a bad message ends the stream with its status
                 if (item := await head) is None:
                     break
-                request_id, count, work = item
+                request_id, count, cost, work = item
                 scores = [sequence_score(s) for s in await work]
                 await context.write(pb.ScoreStreamResponse(id=request_id, scores=scores))
-                window.release(count)
+                window.release(count, cost)
         finally:
             reader.cancel()
             while not ordered.empty():
                 if (item := ordered.get_nowait()) is not None:
-                    item[2].cancel()
+                    item[3].cancel()
 
     # -- completion -----------------------------------------------------------------------
     @rpc(SERVICE)
@@ -106,16 +129,29 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
     # -- sessions -------------------------------------------------------------------------
     @rpc(SERVICE)
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.SessionResponse:
-        model = self.engine.model(request.model.name, request.model.version)
-        step = await self.engine.create_session(
-            model, to_input(request.prefix, "prefix"), request.top_k)
+        prefix, client = to_input(request.prefix, "prefix"), self.client_of(context)
+        check = self._session_limit("prefix", request.top_k)
+        if request.state_token:
+            step = await self.engine.create_session_from(
+                request.state_token, prefix, request.top_k, client, check,
+                request.model.name, request.model.version)
+        else:
+            model = self.engine.model(request.model.name, request.model.version)
+            step = await self.engine.create_session(model, prefix, request.top_k, client,
+                                                    check)
         return session_response(step)
 
     @rpc(SERVICE)
     async def Append(self, request: pb.AppendRequest, context) -> pb.SessionResponse:
         step = await self.engine.append(request.session_id, to_input(request.input, "input"),
-                                        request.top_k, request.state_token)
+                                        request.top_k, request.state_token,
+                                        client=self.client_of(context),
+                                        check=self._session_limit("input", request.top_k))
         return session_response(step)
+
+    def _session_limit(self, field: str, top_k: int):
+        # the next tokens count as tokens of the response, with their texts
+        return response_limit(self.max_message_bytes - top_k * (TOKEN_OVERHEAD + 64), field)
 
     @rpc(SERVICE)
     async def CloseSession(self, request: pb.CloseSessionRequest,
@@ -125,23 +161,30 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
 
     @rpc(SERVICE)
     async def Converse(self, requests, context) -> None:
-        engine = self.engine
+        """A session for the stream's life: created by its first message (or resumed from
+        that message's state token), ended with the stream if the stream brought it here
+        (its last state token still resumes it); a session already held here stays open."""
+        engine, client = self.engine, self.client_of(context)
         session_id: str | None = None
+        opened: int = 0  # the generation of the session the stream opened, if it did
         last: pb.SessionResponse | None = None
         try:
             async for request in until_closing(requests, engine.closing):
+                check = self._session_limit("input", request.top_k)
                 if session_id is None and request.state_token:  # resume, then read the input
                     step = await engine.append("", to_input(request.input, "input"),
                                                request.top_k, request.state_token,
-                                               allow_empty=True)
+                                               allow_empty=True, client=client, check=check)
                 elif session_id is None:
                     model = engine.model(request.model.name, request.model.version)
                     step = await engine.create_session(
-                        model, to_input(request.input, "input"), request.top_k)
+                        model, to_input(request.input, "input"), request.top_k, client,
+                        check)
                 else:
                     step = await engine.append(session_id, to_input(request.input, "input"),
-                                               request.top_k)
-                session_id = step.session_id
+                                               request.top_k, check=check)
+                if session_id is None:
+                    session_id, opened = step.session_id, step.opened and step.generation
                 last = session_response(step)
                 await context.write(last)
         except Unavailable:
@@ -152,24 +195,28 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                     state_token=last.state_token))
             raise
         finally:
-            if session_id is not None and engine.has_session(session_id):
-                engine.close_session(session_id)
+            if opened:  # not a close: the last token still resumes it, here too
+                engine.end_session(session_id, opened)
 
 
 class _Window:
-    """How many sequences a stream has in flight; a message larger than the whole window
-    is let in alone."""
+    """How many sequences and bytes a stream has in flight; a message larger than the
+    whole window is let in alone."""
 
-    def __init__(self, size: int):
-        self.size, self.used = size, 0
+    def __init__(self, size: int, max_bytes: int):
+        self.size, self.max_bytes = size, max_bytes
+        self.used = self.bytes = 0
         self._released = asyncio.Event()
 
-    async def acquire(self, count: int) -> None:
-        while self.used and self.used + count > self.size:
+    async def acquire(self, count: int, cost: int) -> None:
+        while self.used and (self.used + count > self.size
+                             or self.bytes + cost > self.max_bytes):
             self._released.clear()
             await self._released.wait()
         self.used += count
+        self.bytes += cost
 
-    def release(self, count: int) -> None:
+    def release(self, count: int, cost: int) -> None:
         self.used -= count
+        self.bytes -= cost
         self._released.set()

@@ -23,4 +23,7 @@ class ModelsService(pb_grpc.ModelsServicer):
                 bidirectional=meta["bidirectional"], vocab_size=len(model.vocab),
                 labels=model.labels, ready=True, device=model.device,
                 providers=model.providers, incremental=model.sessions_allowed is None)
+        # versions in the policy that do not load: not served, retried at every look
+        for (name, version), reason in self.engine.unavailable():
+            response.unavailable.add(name=name, version=version, reason=reason)
         return response

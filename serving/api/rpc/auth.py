@@ -13,6 +13,7 @@ so a caller learns nothing about which tokens exist.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 
@@ -42,6 +43,27 @@ def read_tokens(path: str) -> list[bytes]:
     if short:
         raise ValueError(f"{path}: token {short[0]} is shorter than 16 characters")
     return tokens
+
+
+def peer_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling, for per-client quotas, on a port without bearer tokens: its address
+    without the port (every connection from one host is one client; behind a proxy that
+    is the proxy, so turn tokens on there)."""
+    peer = context.peer() or ""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        address = address.rpartition(":")[0]
+    return f"peer:{address or peer}"
+
+
+def bearer_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling on a port that requires bearer tokens: its token (as a hash, never
+    the token itself), which the interceptor has already checked."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            text = value if isinstance(value, str) else value.decode(errors="replace")
+            return "token:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return peer_of(context)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -2,8 +2,10 @@
 when the server shuts down.
 
 `rpc` turns an engine error into its status (with details), counts the request and its
-latency, and turns anything unexpected into INTERNAL with a message (logged with its
-traceback) rather than a bare UNKNOWN.
+latency (a call whose deadline passed counts as DEADLINE_EXCEEDED, not CANCELLED), and
+turns anything unexpected into INTERNAL rather than a bare UNKNOWN: the client gets a
+short message with an error id, the log has that id with the traceback (Python's own
+text stays out of responses).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -39,16 +42,20 @@ def rpc(service: str):
                 code = code_of(error).name
                 await context.abort_with_status(to_status(error))
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                remaining = context.time_remaining()
+                code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
+                        else "CANCELLED")
                 raise
             except grpc.aio.AbortError:
                 code = (context.code() or grpc.StatusCode.UNKNOWN).name
                 raise
-            except Exception as error:
+            except Exception:
                 code = "INTERNAL"
-                log.exception("%s.%s failed", service, name)
+                error_id = secrets.token_hex(6)
+                log.exception("%s.%s failed (error id %s)", service, name, error_id)
                 await context.abort(grpc.StatusCode.INTERNAL,
-                                    f"{service}.{name}: {type(error).__name__}: {error}")
+                                    f"{service}.{name}: internal error (error id {error_id}; "
+                                    "the server's log has the details)")
             finally:
                 metrics.requests.labels(service, name, code).inc()
                 metrics.request_seconds.labels(service, name).observe(

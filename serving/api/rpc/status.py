@@ -19,6 +19,18 @@ from serving.engine.errors import (
 )
 
 DOMAIN = "recur.v1"
+# A status travels in response metadata, which clients cap (8 KB by default): a longer one
+# would reach the client as RESOURCE_EXHAUSTED instead of the error. Engine messages cut
+# the client's values they echo (errors.shown); these caps, in UTF-8 bytes (grpc-message
+# percent-encodes each non-ASCII byte into three), hold for anything else.
+MAX_MESSAGE_CHARS, MAX_DETAIL_CHARS = 1024, 256
+
+
+def _cut(text: str, limit: int) -> str:
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "..."
 
 
 def code_of(error: EngineError) -> grpc.StatusCode:
@@ -36,14 +48,17 @@ def _details(error: EngineError) -> list:
     if isinstance(error, LimitExceeded):
         return [error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(
-                subject=error.field, description=f"{error.limit} = {error.maximum}")])]
+                subject=_cut(error.field, MAX_DETAIL_CHARS),
+                description=f"{error.limit} = {error.maximum}")])]
     if isinstance(error, InvalidArgument):
         return [error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=error.field,
-                                                        description=error.problem)])]
+            error_details_pb2.BadRequest.FieldViolation(
+                field=_cut(error.field, MAX_DETAIL_CHARS),
+                description=_cut(error.problem, MAX_MESSAGE_CHARS))])]
     if isinstance(error, NotFound):
-        return [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN,
-                                            metadata=error.metadata)]
+        return [error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=DOMAIN,
+            metadata={k: _cut(v, MAX_DETAIL_CHARS) for k, v in error.metadata.items()})]
     if isinstance(error, Overloaded):
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
@@ -55,7 +70,8 @@ def _details(error: EngineError) -> list:
 
 
 def to_status(error: EngineError) -> grpc.Status:
-    status = status_pb2.Status(code=code_of(error).value[0], message=error.message)
+    status = status_pb2.Status(code=code_of(error).value[0],
+                               message=_cut(error.message, MAX_MESSAGE_CHARS))
     for detail in _details(error):
         packed = any_pb2.Any()
         packed.Pack(detail)

@@ -141,14 +141,16 @@ class CompleteResponse(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "prefix", "top_k")
+    __slots__ = ("model", "prefix", "top_k", "state_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     prefix: Input
     top_k: int
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., prefix: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    state_token: bytes
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., prefix: _Optional[_Union[Input, _Mapping]] = ..., top_k: _Optional[int] = ..., state_token: _Optional[bytes] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
     __slots__ = ("session_id", "input", "top_k", "state_token")
@@ -306,8 +308,20 @@ class ModelInfo(_message.Message):
     incremental: bool
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latest: _Optional[bool] = ..., task: _Optional[str] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., bidirectional: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., incremental: _Optional[bool] = ...) -> None: ...
 
+class UnavailableModel(_message.Message):
+    __slots__ = ("name", "version", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "unavailable")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    unavailable: _containers.RepeatedCompositeFieldContainer[UnavailableModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., unavailable: _Optional[_Iterable[_Union[UnavailableModel, _Mapping]]] = ...) -> None: ...

@@ -541,7 +541,8 @@ class ModelsServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The versions served, and the versions in the version policy that do not load (yet).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
