@@ -4,6 +4,8 @@ server healthy afterwards. Property-based: fixed seed, fixed example counts, no 
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from google.protobuf import descriptor as d
@@ -176,3 +178,24 @@ def test_undecodable_bytes_name_the_expected_message(server):
         server.channel.unary_unary("/recur.v1.LanguageModel/Score")(b"\xff\xff\xff", timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid recur.v1.ScoreRequest message" in caught.value.details()
+
+
+@pytest.mark.parametrize("method", ["/recur.v1.LanguageModel/ScoreStream",
+                                    "/recur.v1.LanguageModel/Converse",
+                                    "/inference.GRPCInferenceService/ModelStreamInfer"])
+def test_an_undecodable_message_after_a_good_one_ends_the_stream_at_once(server, method):
+    """ScoreStream reads its messages in a task of its own: the bad message's error must
+    still end the call, at once, instead of leaving it open until its deadline."""
+    good = {"ScoreStream": pb.ScoreStreamRequest(id="m0", model=pb.ModelRef(name="demo-lm"),
+                                                 inputs=[pb.Input(text="the dog")]),
+            "Converse": pb.ConverseRequest(model=pb.ModelRef(name="demo-lm"),
+                                           input=pb.Input(text="the dog")),
+            "ModelStreamInfer": v2.ModelInferRequest(model_name="demo-lm")}
+    first = good[method.rpartition("/")[2]].SerializeToString()
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        bad = b"\n\x02m1\x12\x06\n\x04\xf4\x90\x80\x80"  # a name that is not UTF-8
+        list(server.channel.stream_stream(method)(iter([first, bad]), timeout=20))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "not a valid" in caught.value.details()
+    assert time.monotonic() - started < 10

@@ -91,6 +91,7 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
             ordered.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
+        head: asyncio.Future | None = None
         try:
             while True:
                 head = asyncio.ensure_future(ordered.get())
@@ -105,8 +106,10 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                 scores = [sequence_score(s) for s in await work]
                 await context.write(pb.ScoreStreamResponse(id=request_id, scores=scores))
                 window.release(count, cost)
-        finally:
+        finally:  # the call ended, perhaps cancelled by its client: no task left behind
             reader.cancel()
+            if head is not None:
+                head.cancel()
             while not ordered.empty():
                 if (item := ordered.get_nowait()) is not None:
                     item[3].cancel()

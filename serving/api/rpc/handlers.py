@@ -50,6 +50,12 @@ def rpc(service: str):
                 code = (context.code() or grpc.StatusCode.UNKNOWN).name
                 raise
             except Exception:
+                if context.cancelled():  # a write to a client that left: nothing to tell
+                    remaining = context.time_remaining()
+                    code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
+                            else "CANCELLED")
+                    log.debug("%s.%s: the client left", service, name, exc_info=True)
+                    return None
                 code = "INTERNAL"
                 error_id = secrets.token_hex(6)
                 log.exception("%s.%s failed (error id %s)", service, name, error_id)

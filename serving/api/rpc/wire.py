@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import grpc
 
+from serving.engine.errors import InvalidArgument
+
 
 class Malformed:
     def __init__(self, expected: str, error: Exception):
@@ -63,9 +65,19 @@ async def _refuse_if_malformed(request, context) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
+class MalformedMessage(InvalidArgument):
+    """A stream's message that did not decode. Raised (not aborted) where the stream is
+    read, which may be a task of the handler's own (ScoreStream's reader): only the
+    handler's task may end the call, so the error travels to it like any other."""
+
+    def __init__(self, malformed: Malformed):
+        super().__init__("request", malformed.message.removeprefix("request: "))
+
+
 async def _checked(requests, context):
     async for request in requests:
-        await _refuse_if_malformed(request, context)
+        if isinstance(request, Malformed):
+            raise MalformedMessage(request)
         yield request
 
 
@@ -74,21 +86,29 @@ def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                  or handler.stream_stream)
     streaming_in = handler.request_streaming
 
+    # (handlers in serving/api/rpc/handlers.py's `rpc` turn a MalformedMessage into its
+    # status themselves; for the others, such as reflection, the guard does)
     if inspect.isasyncgenfunction(behaviour):
         async def guarded(request, context):
             if streaming_in:
                 request = _checked(request, context)
             else:
                 await _refuse_if_malformed(request, context)
-            async for response in behaviour(request, context):
-                yield response
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except MalformedMessage as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
     else:
         async def guarded(request, context):
             if streaming_in:
                 request = _checked(request, context)
             else:
                 await _refuse_if_malformed(request, context)
-            return await behaviour(request, context)
+            try:
+                return await behaviour(request, context)
+            except MalformedMessage as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
 
     kind = {(False, False): "unary_unary", (False, True): "unary_stream",
             (True, False): "stream_unary", (True, True): "stream_stream"}[
