@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 RECIPE ?= ptb-lstm
 
-.PHONY: install proto test test-gpu lint demo bench bench-train bench-export bench-serve bench-gpu soak clean
+.PHONY: install proto test test-gpu lint demo bench bench-train bench-export bench-serve bench-gpu fuzz soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,10 @@ bench-serve: install
 # The Loop graph on ONNX Runtime's CUDA provider against torch eager on CUDA (needs a GPU).
 bench-gpu: install
 	$(BIN)/python -m bench.gpu
+
+# Valid and hostile requests at every RPC of a real server, checked (~5 min): bench/results/fuzz.json.
+fuzz: install
+	$(BIN)/python -m bench.fuzz --requests $(or $(REQUESTS),10000) --seed $(or $(SEED),0)
 
 # Ten minutes of mixed traffic at 80% of the measured maximum against the demo models
 # (make demo first): errors, latency and memory growth into bench/results/soak.json. Not in CI.

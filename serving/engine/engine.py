@@ -210,7 +210,8 @@ class Engine:
         ids = encode(prompt, model.vocab, self.config.max_tokens_per_sequence,
                      allow_empty=True, optional=True).ids
         # admitted whole: all its samples, held until the decoding loop ends, except while
-        # it waits for its reader (a client that stops reading takes no room meanwhile)
+        # it waits for its reader (a client that stops reading takes no room meanwhile; it
+        # is readmitted, never refused, when the reader goes on)
         admitted = [model.scheduler.admit(params.samples)]
         try:
             model.acquire()  # released when the decoding loop ends, however it ends
@@ -229,7 +230,7 @@ class Engine:
                         return await emit(event)
                     admitted[0].release()
                     await emit(event)  # until the reader takes an event
-                    admitted[0] = await model.scheduler.admit_when_room(params.samples)
+                    admitted[0] = model.scheduler.readmit(params.samples)
 
                 return decode(model, params, active, emit_or_give_way, self.metrics,
                               self.closing, started)

@@ -154,6 +154,13 @@ class Scheduler:
             await self._room.wait()
         return self.admit(count)
 
+    def readmit(self, count: int) -> Admission:
+        """Admits again, whatever the room, a request that was admitted and gave its room
+        back while it waited for its client (a completion's reader): it was admitted whole
+        once, so it runs to its end; the queue may go over max_queue by as much, briefly."""
+        self.admitted += count
+        return Admission(self, count)
+
     def _release(self, count: int) -> None:
         self.admitted -= count
         self._room.set()

@@ -1,0 +1,4 @@
+"""The parts of `make fuzz` (bench/fuzz.py): the models it serves (models.py), hostile and
+valid values (values.py), the requests of every RPC (cases.py), the sessions and sequences
+it drives and replays (scenarios.py), the calls and their counts (client.py), and the
+health and memory watch on the server (monitor.py)."""
