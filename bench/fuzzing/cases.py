@@ -272,9 +272,11 @@ def complete(rng: random.Random, ctx: Context, checks) -> Case:
             count //= 2
         m.stop.extend(_stops(rng, count, length))
 
-    def stall(rng, m):  # the longest, widest completions, with stop strings that never match
-        m.max_tokens, m.n = limits.max_completion_tokens, limits.max_samples
-        m.stop.extend(_stops(rng, rng.choice([16, 200, 2000]), rng.choice([16, 64, 256])))
+    def stall(rng, m):  # long greedy completions (greedy never draws <eos> here), 16
+        # samples, and stop strings that never match: a server that searches every stop
+        # string in the whole text at every step blocks its loop for longer and longer
+        m.max_tokens, m.n, m.temperature = limits.max_completion_tokens, 16, 0.0
+        m.stop.extend(_stops(rng, rng.choice([16, 20_000]), 16))
 
     def empty_stop(rng, m):
         m.stop.append("")
@@ -290,7 +292,7 @@ def complete(rng: random.Random, ctx: Context, checks) -> Case:
         ("NaN temperature", nan), ("negative temperature", negative), ("odd top_k", top_k),
         ("odd top_p", top_p), ("odd max_tokens", max_tokens), ("odd n", n),
         ("odd seed", seed), ("many long stop strings", many_stops),
-        ("many stop strings, longest completions", stall), ("empty stop string", empty_stop),
+        ("many stop strings, long greedy completions", stall), ("empty stop string", empty_stop),
         ("odd stop token ids", stop_ids), ("odd prompt", prompt),
         ("invalid UTF-8 stop string", utf8(lambda m, s: m.stop.append(s))),
         ("invalid UTF-8 prompt", utf8(lambda m, s: setattr(m.prompt, "text", s)))]

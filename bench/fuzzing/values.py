@@ -151,9 +151,11 @@ def forged_token(rng: random.Random, token: bytes) -> tuple[str, bytes]:
         return "truncated", token[: rng.randrange(len(token))]
     if kind == 2:
         return "bytes appended", token + rng.randbytes(rng.randint(1, 64))
-    if kind == 3:  # a later position, as a client rewinding another way would
+    if kind == 3 and len(token) >= 28:  # another position, as a client rewinding would
         forged = bytearray(token)
-        forged[20:28] = TOKEN_POSITION.pack(rng.choice([0, 1, 2**63, 2**64 - 1]))
+        position = token_position(token)
+        forged[20:28] = TOKEN_POSITION.pack(rng.choice(
+            [p for p in (0, 1, 2**63, 2**64 - 1) if p != position]))
         return "position rewritten", bytes(forged)
     if kind == 4:
         return "MAC zeroed", token[:-32] + bytes(32)

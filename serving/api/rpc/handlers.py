@@ -24,6 +24,9 @@ from serving.engine.errors import EngineError, shutting_down
 from serving.engine.metrics import Metrics
 
 log = logging.getLogger(__name__)
+# A call cancelled this close to its deadline ran out of time: the client's own deadline
+# timer may fire, and its cancellation arrive, a little before the server's.
+DEADLINE_SLACK_S = 0.02
 
 
 def rpc(service: str):
@@ -43,7 +46,8 @@ def rpc(service: str):
                 await context.abort_with_status(to_status(error))
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
-                code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
+                code = ("DEADLINE_EXCEEDED" if remaining is not None
+                        and remaining <= DEADLINE_SLACK_S
                         else "CANCELLED")
                 raise
             except grpc.aio.AbortError:
@@ -52,7 +56,8 @@ def rpc(service: str):
             except Exception:
                 if context.cancelled():  # a write to a client that left: nothing to tell
                     remaining = context.time_remaining()
-                    code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
+                    code = ("DEADLINE_EXCEEDED" if remaining is not None
+                        and remaining <= DEADLINE_SLACK_S
                             else "CANCELLED")
                     log.debug("%s.%s: the client left", service, name, exc_info=True)
                     return None
