@@ -148,7 +148,7 @@ def forged_token(rng: random.Random, token: bytes) -> tuple[str, bytes]:
         return f"bit {i * 8} flipped", token[:i] + bytes([token[i] ^ (1 << rng.randrange(8))]) \
             + token[i + 1:]
     if kind == 1:
-        return "truncated", token[: rng.randrange(len(token))]
+        return "truncated", token[: rng.randrange(1, len(token))]  # empty would be no token
     if kind == 2:
         return "bytes appended", token + rng.randbytes(rng.randint(1, 64))
     if kind == 3 and len(token) >= 28:  # another position, as a client rewinding would
