@@ -491,13 +491,23 @@ def test_one_client_cannot_take_everyone_elses_sessions(model_repository, tmp_pa
 
 # -- 12. admitted whole, or refused before the first response ----------------------------
 
+def small_queue_server(model_repository, **settings) -> RunningServer:
+    """Room for 8 sequences in flight a model; both versions of `endless` served."""
+    return RunningServer(model_repository, max_queue=8, max_sequences_per_request=8,
+                         version_policy="all", **settings)
+
+
+def endless_completion(n: int, max_tokens: int) -> pb.CompleteRequest:
+    """Samples of `endless` version 1, which never ends one before max_tokens."""
+    return pb.CompleteRequest(model=pb.ModelRef(name="endless", version=1),
+                              prompt=pb.Input(text=""), n=n, max_tokens=max_tokens, seed=1)
+
+
 def test_completions_are_admitted_whole(model_repository):
-    running = RunningServer(model_repository, max_queue=8, max_sequences_per_request=8,
-                            version_policy="all")
+    running = small_queue_server(model_repository)
     try:
         stub = pb_grpc.LanguageModelStub(running.channel)
-        request = pb.CompleteRequest(model=pb.ModelRef(name="endless", version=1),
-                                     prompt=pb.Input(text=""), n=5, max_tokens=60, seed=1)
+        request = endless_completion(5, 60)
         first = stub.Complete(request, timeout=60)
         next(first)  # admitted: it has started
         refused = stub.Complete(request, timeout=60)
@@ -517,12 +527,10 @@ def test_completions_are_admitted_whole(model_repository):
 def test_a_completion_whose_reader_stops_gives_way(model_repository):
     """A completion blocked on a client that does not read takes no room in the queue
     meanwhile, and goes on to its end when the client reads again."""
-    running = RunningServer(model_repository, max_queue=8, max_sequences_per_request=8,
-                            version_policy="all")
+    running = small_queue_server(model_repository)
     try:
         stub = pb_grpc.LanguageModelStub(running.channel)
-        request = pb.CompleteRequest(model=pb.ModelRef(name="endless", version=1),
-                                     prompt=pb.Input(text=""), n=5, max_tokens=1000, seed=1)
+        request = endless_completion(5, 1000)
         unread = stub.Complete(request, timeout=120)
         next(unread)
         scheduler = running.server.engine.model("endless", 1).scheduler
@@ -530,9 +538,7 @@ def test_a_completion_whose_reader_stops_gives_way(model_repository):
         while scheduler.admitted and time.monotonic() < deadline:
             time.sleep(0.05)
         assert scheduler.admitted == 0  # blocked on its reader: it gave its room back
-        short = pb.CompleteRequest()
-        short.CopyFrom(request)
-        short.max_tokens = 20
+        short = endless_completion(5, 20)
         assert sum(1 for r in stub.Complete(short, timeout=60) if r.HasField("token")) == 100
         assert 1 + sum(1 for r in unread if r.HasField("token")) == 5000
     finally:
@@ -626,13 +632,10 @@ def test_a_score_stream_waits_for_room_instead_of_failing(model_repository):
     """With the queue held by a completion, a ScoreStream's later messages wait; none
     fails halfway with RESOURCE_EXHAUSTED (one-token chunks: every sequence's later steps
     are submitted while the completion's are queued too)."""
-    running = RunningServer(model_repository, max_queue=8, max_sequences_per_request=8,
-                            version_policy="all", chunk_tokens=1)
+    running = small_queue_server(model_repository, chunk_tokens=1)
     try:
         stub = pb_grpc.LanguageModelStub(running.channel)
-        holding = stub.Complete(pb.CompleteRequest(
-            model=pb.ModelRef(name="endless", version=1), prompt=pb.Input(text=""), n=6,
-            max_tokens=300, seed=1), timeout=120)
+        holding = stub.Complete(endless_completion(6, 300), timeout=120)
         next(holding)
         groups = [(f"g{i}", ["the dog runs", "a cat", "the cats ran"]) for i in range(30)]
         results = list(running.client.score_stream("demo-lm", iter(groups), timeout=120))
