@@ -28,11 +28,22 @@ class ServerConfig(EngineConfig):
     port: int = setting(50051, "The gRPC serving port; 0: pick a free one.", NETWORK)
     metrics_port: int = setting(
         9090, "Prometheus /metrics over HTTP; 0: pick a free port; -1: none.", NETWORK)
+    http_port: int = setting(
+        -1, "HTTP beside gRPC, on the same engine: the OpenAI-compatible API (/v1) and "
+        "KServe V2 REST (/v2), with the serving port's TLS, tokens and limits; 0: pick a free "
+        "port; -1: none.", NETWORK)
+    http_max_connections: int = setting(
+        1000, "HTTP port: most connections open at once; beyond it requests are answered "
+        "503.", NETWORK)
+    http_keep_alive_s: float = setting(
+        5.0, "HTTP port: an idle connection (no whole request head) is closed after this "
+        "long (seconds); set it above the idle timeout of a load balancer in front.", NETWORK)
     health_port: int = setting(
         -1, "grpc.health.v1 alone on its own plaintext port, for Kubernetes probes, reachable "
         "whatever the serving port requires; 0: pick a free port; -1: none.", NETWORK)
     max_message_bytes: int = setting(
-        4 << 20, "Largest gRPC message received or sent, in bytes.", NETWORK)
+        4 << 20, "Largest gRPC message received or sent, and largest HTTP request body, in "
+        "bytes.", NETWORK)
     stream_window: int = setting(
         256, "ScoreStream: sequences in flight per stream before the server stops reading "
         "(HTTP/2 flow control then holds the client back).", NETWORK)
@@ -45,6 +56,11 @@ class ServerConfig(EngineConfig):
         "max_concurrent_streams); more wait for one to finish.", NETWORK)
     max_sequence_id_bytes: int = setting(
         128, "Longest Open Inference Protocol sequence_id string, in bytes.", NETWORK)
+    v2_dynamic_batching: bool = setting(
+        False, "Open Inference Protocol: models that keep state declare dynamic_batching "
+        "instead of sequence_batching in their ModelConfig, so that tools which drive a model "
+        "by its config (perf_analyzer) send stateless batches of any size; sequences are "
+        "still accepted.", NETWORK)
     tls_cert: str = setting(
         "", "PEM certificate chain; with tls_key, the serving port requires TLS.", SECURITY)
     tls_key: str = setting("", "PEM private key of tls_cert.", SECURITY)
@@ -64,9 +80,12 @@ class ServerConfig(EngineConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("max_message_bytes", "stream_window", "stream_window_bytes",
-                     "max_concurrent_streams", "max_sequence_id_bytes"):
+                     "max_concurrent_streams", "max_sequence_id_bytes",
+                     "http_max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.http_keep_alive_s <= 0:
+            raise ValueError(f"http_keep_alive_s must be > 0, got {self.http_keep_alive_s}")
         for name in ("grace_s", "max_connection_age_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

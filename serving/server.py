@@ -12,11 +12,15 @@ INVALID_ARGUMENT). The serving port may require TLS, client certificates and bea
 and, with `health_port`, alone on a plaintext port for probes.
 
 The metrics port is served on the same event loop (serving/api/metrics_http.py): an idle
-connection costs a few kilobytes, not a thread, and is closed after a few seconds.
+connection costs a few kilobytes, not a thread, and is closed after a few seconds. So is
+the HTTP port (`http_port`, serving/api/http/): the protocols' routers (OpenAI's API in
+serving/api/openai/) calling the same engine, so HTTP and gRPC requests share batches,
+with the serving port's TLS, tokens and limits.
 
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING and Watch streams end, the listener
-stops taking new RPCs, in-flight requests get `grace_s` to finish, and streams still open
-at half of it are closed with UNAVAILABLE and a message. A second signal during the drain
+stops taking new RPCs (the HTTP port new connections), in-flight requests get `grace_s` to
+finish, and streams still open at half of it are closed with UNAVAILABLE and a message
+(an HTTP stream with an error event). A second signal during the drain
 exits at once, with status 1.
 """
 
@@ -35,7 +39,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from serving.api import metrics_http
 from serving.api.health import LIVENESS, MODEL_PREFIX, HealthService
+from serving.api.http.app import create_app
+from serving.api.http.server import HttpServer
+from serving.api.inference_v2.core import InferenceCore
+from serving.api.inference_v2.rest import router as v2_router
 from serving.api.inference_v2.service import InferenceService
+from serving.api.openai.routes import openai_router
 from serving.api.recur_v1.encoders import ClassifierService, TaggerService
 from serving.api.recur_v1.language_model import LanguageModelService
 from serving.api.recur_v1.models import ModelsService
@@ -69,6 +78,7 @@ class Ports:
     grpc: int
     metrics: int | None
     health: int | None = None
+    http: int | None = None
 
 
 class Server:
@@ -104,18 +114,28 @@ class Server:
                                   "health")
         metrics_socket = (metrics_http.bind(config.host, config.metrics_port, "metrics")
                           if config.metrics_port >= 0 else None)
-        self.metrics_http = None
         try:
-            return await self._start(port, health_port, metrics_socket)
-        except BaseException:
-            if self.metrics_http is not None:
-                self.metrics_http.running.cancel()
+            http_socket = (metrics_http.bind(config.host, config.http_port, "HTTP")
+                           if config.http_port >= 0 else None)
+        except OSError:
             if metrics_socket is not None:
                 metrics_socket.close()
             raise
+        self.metrics_http = self.http = None
+        try:
+            return await self._start(port, health_port, metrics_socket, http_socket)
+        except BaseException:
+            for started in (self.metrics_http, self.http):
+                if started is not None:
+                    started.running.cancel()
+            for sock in (metrics_socket, http_socket):
+                if sock is not None:
+                    sock.close()
+            raise
 
     async def _start(self, port: int, health_port: int | None,
-                     metrics_socket: socket.socket | None) -> Ports:
+                     metrics_socket: socket.socket | None,
+                     http_socket: socket.socket | None = None) -> Ports:
         config, server = self.config, self.grpc
         self.engine = engine = Engine(config, self.metrics)
         # per-client quotas count bearer tokens where the port requires them, else addresses
@@ -128,9 +148,11 @@ class Server:
                     TaggerService(engine, config.max_message_bytes))
         add_guarded(server, pb_grpc.add_ClassifierServicer_to_server, ClassifierService(engine))
         add_guarded(server, pb_grpc.add_ModelsServicer_to_server, ModelsService(engine))
+        # one Open Inference Protocol core for its gRPC and HTTP bindings: shared sequences
+        self.inference = InferenceCore(engine, config.max_message_bytes,
+                                       config.max_sequence_id_bytes, config.v2_dynamic_batching)
         add_guarded(server, v2_grpc.add_GRPCInferenceServiceServicer_to_server,
-                    InferenceService(engine, config.max_message_bytes,
-                                     config.max_sequence_id_bytes, client_of))
+                    InferenceService(self.inference, client_of))
         self.health = HealthService(["", *SERVICES.values(), LIVENESS])
         add_guarded(server, health_pb2_grpc.add_HealthServicer_to_server, self.health)
         add_reflection(server, [*SERVICES.values(), health.SERVICE_NAME])
@@ -141,21 +163,39 @@ class Server:
         metrics_port = None
         if metrics_socket is not None:
             metrics_port = metrics_socket.getsockname()[1]
-            self.metrics_http = await metrics_http.MetricsServer.serving(metrics_socket,
-                                                             self.metrics.registry)
+            self.metrics_http = await metrics_http.MetricsServer.serving(
+                metrics_socket, self.metrics.registry, self.metrics.triton_text)
+        http_port = None
+        if http_socket is not None:
+            http_port = http_socket.getsockname()[1]
+            self.http = await self._serve_http(http_socket)
         await self.health.set(LIVENESS, SERVING)
         if self.health_server is not None:
             await self.health_server.start()
         await server.start()
         await self.health.set_all(["", *SERVICES.values()], SERVING)
         await self._publish_model_health()
-        if config.repository_poll_s > 0:
-            self._following = asyncio.ensure_future(self._follow_models(config.repository_poll_s))
-        self.ports = Ports(port, metrics_port, health_port)
-        log.info("serving %s on %s:%d (metrics on %s, health on %s)",
+        if config.repository_poll_s > 0 or config.model_control:  # models come and go
+            self._following = asyncio.ensure_future(
+                self._follow_models(config.repository_poll_s or 1.0))
+        self.ports = Ports(port, metrics_port, health_port, http_port)
+        log.info("serving %s on %s:%d (metrics on %s, health on %s, HTTP on %s)",
                  ", ".join(m.label for m in engine.models()), config.host, port,
-                 metrics_port, health_port)
+                 metrics_port, health_port, http_port)
         return self.ports
+
+    async def _serve_http(self, sock: socket.socket) -> HttpServer:
+        """The HTTP port: every protocol's router in one app, on this engine."""
+        config, engine = self.config, self.engine
+        routers = [openai_router(engine, config.max_message_bytes), v2_router(self.inference)]
+        app = create_app(routers, metrics=self.metrics,
+                         tokens=read_tokens(config.auth_tokens) if config.auth_tokens else (),
+                         max_body_bytes=config.max_message_bytes,
+                         served=lambda name: bool(engine.versions(name)))
+        return await HttpServer.serving(
+            sock, app, keep_alive_s=config.http_keep_alive_s,
+            max_connections=config.http_max_connections, tls_cert=config.tls_cert,
+            tls_key=config.tls_key, tls_client_ca=config.tls_client_ca)
 
     async def _publish_model_health(self) -> None:
         """Health per model: SERVING while a version of it is served, NOT_SERVING while
@@ -184,10 +224,12 @@ class Server:
         self.health.shutdown()  # Watch streams send NOT_SERVING and end: none holds the drain
         # grpc's stop returns as soon as every call has ended, and cancels the rest at the
         # end of the grace, with its own "Cancelling all calls" and nothing else.
-        stopping = asyncio.ensure_future(self.grpc.stop(grace))
-        await asyncio.wait({stopping}, timeout=closing_after(grace))
+        stopping = {asyncio.ensure_future(self.grpc.stop(grace))}
+        if self.http is not None:  # it stops listening; its requests get the grace too
+            stopping.add(asyncio.ensure_future(self.http.drain(grace)))
+        await asyncio.wait(stopping, timeout=closing_after(grace))
         self.engine.closing.set()  # open streams end, telling their clients why
-        await stopping
+        await asyncio.gather(*stopping)
         if self.health_server is not None:  # probes see NOT_SERVING until the very end
             await self.health_server.stop(0)
         await self.engine.close()
@@ -233,7 +275,8 @@ async def serve(config: ServerConfig) -> None:
     ports = await server.start()
     print(f"recur serve: listening on {config.host}:{ports.grpc}, metrics on "
           f"{ports.metrics if ports.metrics is not None else 'off'}, health on "
-          f"{ports.health if ports.health is not None else 'the serving port'}", flush=True)
+          f"{ports.health if ports.health is not None else 'the serving port'}, HTTP on "
+          f"{ports.http if ports.http is not None else 'off'}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

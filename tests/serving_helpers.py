@@ -6,6 +6,7 @@ RECUR_TEST_DEVICE=cuda runs the servers of the serving tests on the GPU (make te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import threading
@@ -37,6 +38,12 @@ class RunningServer:
         self.channel = channel_factory(self.target)
         self.client = RecurClient(self.target, channel=self.channel)
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP port's base URL (http_port=0 to have one)."""
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.ports.http}"
+
     async def _make(self) -> Server:
         return Server(self.config)  # made in the loop: its asyncio objects belong there
 
@@ -56,7 +63,10 @@ class RunningServer:
             return response.read().decode()
 
     def metric(self, name: str, /, **labels: str) -> float:
-        """The sum of a sample's values over the series matching `labels`."""
+        """The sum of a sample's values over the series matching `labels` (Triton's
+        families by their names on the page: prometheus_client's parser would add _total)."""
+        if name.startswith("nv_"):
+            return triton_metric(self.metrics_text(), name, **labels)
         total = 0.0
         for family in text_string_to_metric_families(self.metrics_text()):
             for sample in family.samples:
@@ -64,3 +74,32 @@ class RunningServer:
                                                for k, v in labels.items()):
                     total += sample.value
         return total
+
+
+def triton_metric(page: str, name: str, /, **labels: str) -> float:
+    """The sum of the samples named exactly `name` matching `labels` on a metrics page."""
+    total = 0.0
+    for line in page.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        series, _, value = line.rpartition(" ")
+        pairs = dict(pair.split("=", 1) for pair in series[len(name) + 1:-1].split(","))
+        if all(pairs.get(k) == f'"{v}"' for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@contextlib.contextmanager
+def running(repository, **settings):
+    """A RunningServer that a test may stop itself (Server.stop runs once)."""
+    server = RunningServer(repository, **settings)
+    try:
+        yield server
+    finally:
+        if not server.server.stopped.is_set():
+            server.stop()
+        else:
+            server.channel.close()
+            server.loop.call_soon_threadsafe(server.loop.stop)
+            server.thread.join(10)
+            server.loop.close()

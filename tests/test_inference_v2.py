@@ -1,6 +1,7 @@
-"""The Open Inference Protocol (KServe V2) with Triton's extensions, tested with
-tritonclient as the client. tritonclient pins protobuf < 7, so it runs from its own
-virtual environment (tests/clients/triton_check.py) and reports back as JSON."""
+"""The Open Inference Protocol (KServe V2) over gRPC with Triton's extensions, tested with
+tritonclient as the client (tests/test_inference_v2_rest.py: over HTTP). tritonclient's
+gRPC client pins protobuf < 7, so it runs from its own virtual environment
+(tests/clients/triton_check.py) and reports back as JSON."""
 
 from __future__ import annotations
 
@@ -69,15 +70,16 @@ def test_metadata_and_config_as_tritonclient_reads_them(report):
     assert "sequence" in report["server"]["extensions"]
     metadata = report["metadata"]
     assert metadata["name"] == "demo-lm" and metadata["versions"] == ["1"]
-    assert {t["name"]: t["datatype"] for t in metadata["inputs"]} == {"TEXT": "BYTES",
-                                                                     "TOKEN_IDS": "INT64"}
+    # TEXT alone is declared (TOKEN_IDS is accepted in its place): see core.DECLARED
+    assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [
+        ("TEXT", "BYTES", ["-1", "1"])]
     assert {t["name"] for t in metadata["outputs"]} == {"TOKEN_LOGPROBS", "TOKEN_COUNT",
                                                         "TOTAL_LOGPROB"}
     assert report["config_has_sequence_batching"]
     config = report["config"]
     assert config["name"] == "demo-lm" and int(config["max_batch_size"]) > 0
-    assert {i["name"]: i["data_type"] for i in config["input"]} == {
-        "TEXT": "TYPE_STRING", "TOKEN_IDS": "TYPE_INT64"}
+    assert [(i["name"], i["data_type"], i.get("optional", False)) for i in config["input"]] == [
+        ("TEXT", "TYPE_STRING", False)]
     assert int(config["sequence_batching"]["max_sequence_idle_microseconds"]) == 600_000_000
 
 
@@ -101,6 +103,25 @@ def test_a_sequence_equals_recur_appends_unary_and_streamed(report, server):
 
 
 @pytest.mark.slow
+def test_statistics_and_the_repository_as_tritonclient_reads_them(report):
+    """The statistics count what the check sent: a stateless batch of two, a sequence of
+    three (unary, and once more streamed); the request refused after the sequence ended
+    never reached the model."""
+    (stats,) = report["statistics"]["model_stats"]
+    assert (stats["name"], stats["version"]) == ("demo-lm", "1")
+    assert int(stats["inference_count"]) == 2 + 3 + 3
+    inference = stats["inference_stats"]
+    assert int(inference["success"]["count"]) == 1 + 3 + 3
+    assert int(inference["compute_infer"]["count"]) == 7 and int(inference["queue"]["ns"]) > 0
+    assert int(stats["execution_count"]) == sum(int(b["compute_infer"]["count"])
+                                                for b in stats["batch_stats"]) > 0
+    models = {(m["name"], m.get("version"), m["state"]) for m in report["index"]["models"]}
+    assert ("demo-lm", "1", "READY") in models and ("tagger-bi", "1", "READY") in models
+    assert report["unload"].startswith("StatusCode.FAILED_PRECONDITION")
+    assert "--model-control" in report["unload"]
+
+
+@pytest.mark.slow
 def test_the_wire_format_matches_tritonclients_descriptors(report):
     theirs = report["descriptors"]
     ours = {}
@@ -115,7 +136,7 @@ def test_the_wire_format_matches_tritonclients_descriptors(report):
         for name, spec in fields.items():
             assert theirs["fields"][message].get(name) == spec, f"{message}.{name}"
     service = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    assert len(service.methods) == 8
+    assert len(service.methods) == 12
     for method in service.methods:
         assert theirs["methods"][method.name] == [method.input_type.full_name,
                                                   method.output_type.full_name]

@@ -3,7 +3,7 @@
     serving/model/    numpy and onnxruntime only; the only part of serving/ training imports
     serving/engine/   the model contract, no grpc, protobuf or generated code
     serving/api/      adapters over the engine; none imports another (rpc/ is their shared
-                      gRPC plumbing, not an adapter)
+                      gRPC plumbing and http/ their shared HTTP plumbing, not adapters)
 
 and no module of the project imports, directly or through others, one that imports it.
 Imports are read from the source (every import statement, in functions too), then checked
@@ -19,10 +19,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("recur", "serving", "training", "bench", "tools")
-ADAPTERS = ("recur_v1", "inference_v2", "health", "reflection")
+ADAPTERS = ("recur_v1", "inference_v2", "health", "reflection", "openai")
 PROTOCOL = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.protobuf",
             "google.rpc", "serving.proto_gen", "serving.api", "serving.server",
-            "serving.client", "serving.cli", "serving.config")
+            "serving.client", "serving.cli", "serving.config", "fastapi", "starlette",
+            "uvicorn", "h11")
 
 
 def module_name(path: Path) -> str:

@@ -6,7 +6,6 @@ open streams are told the server is stopping, and a second signal forcing the ex
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import signal
 import socket
@@ -17,7 +16,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import RunningServer
+from serving_helpers import running
 from test_server_process import ServeProcess, serve_command
 
 import serving.api.metrics_http
@@ -28,22 +27,6 @@ from serving.server import Server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@contextlib.contextmanager
-def running(repository, **settings):
-    """A RunningServer that a test may stop itself (Server.stop runs once)."""
-    server = RunningServer(repository, **settings)
-    try:
-        yield server
-    finally:
-        if not server.server.stopped.is_set():
-            server.stop()
-        else:
-            server.channel.close()
-            server.loop.call_soon_threadsafe(server.loop.stop)
-            server.thread.join(10)
-            server.loop.close()
 
 
 class Watcher:

@@ -385,7 +385,7 @@ def test_a_v2_batch_whose_outputs_could_not_be_sent_is_refused_before_it_runs(
     try:
         before = running.metric("recur_executed_tokens_total", model="demo-lm/1")
         request = v2.ModelInferRequest(model_name="demo-lm")
-        texts = [("a " * 2500).encode()] * 100  # 500 KB in, 100 x 2501 x 8 bytes out
+        texts = [("a " * 3000).encode()] * 100  # 600 KB in, 100 x 3002 x 4 bytes out
         request.inputs.add(name="TEXT", datatype="BYTES", shape=[100, 1])
         request.raw_input_contents.append(tensors.encode_bytes(texts))
         stub = v2_grpc.GRPCInferenceServiceStub(running.channel)
@@ -478,11 +478,17 @@ def test_one_client_cannot_take_everyone_elses_sessions(model_repository, tmp_pa
 
         greedy, metadata = stub_for("a" * 20)
         request = pb.CreateSessionRequest(model=pb.ModelRef(name="demo-lm"))
-        for _ in range(3):
-            greedy.CreateSession(request, metadata=metadata, timeout=10)
+        # one token is one client however its header is spelled
+        for spelled in ("Bearer ", "bearer ", "BEARER   "):
+            greedy.CreateSession(request, metadata=[("authorization", spelled + "a" * 20)],
+                                 timeout=10)
         error = error_of(greedy.CreateSession, request, metadata=metadata, timeout=10)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_sessions_per_client=3" in error.details()
+        # two authorization entries are no token at all
+        twice = [("authorization", "Bearer " + "x" * 20), ("authorization", metadata[0][1])]
+        error = error_of(greedy.CreateSession, request, metadata=twice, timeout=10)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         other, other_metadata = stub_for("b" * 20)
         other.CreateSession(request, metadata=other_metadata, timeout=10)  # not refused
     finally:

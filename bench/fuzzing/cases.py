@@ -694,6 +694,22 @@ def model_ready(rng, ctx) -> Case:
     return _named(rng, ctx, v2.ModelReadyRequest, "GRPCInferenceService.ModelReady")
 
 
+def model_statistics(rng, ctx) -> Case:
+    return _named(rng, ctx, v2.ModelStatisticsRequest, "GRPCInferenceService.ModelStatistics")
+
+
+def _repository_model(message_type, rpc: str) -> Callable:
+    """A load or unload (refused: the fuzzed server runs without model control)."""
+    def generate(rng, ctx) -> Case:
+        message = message_type(model_name=val.model_name(rng, ctx.names(), ["nope"]))
+        if chance(rng, 0.1):
+            message.repository_name = "elsewhere"
+        if chance(rng, 0.1):
+            message.parameters["config"].string_param = "{}"
+        return Case(rpc, "refused (no model control)", message)
+    return generate
+
+
 def _empty(rpc: str, message_type) -> Callable:
     def generate(rng, ctx) -> Case:
         if chance(rng, 0.2):
@@ -764,6 +780,13 @@ class Generators:
                                                        v2.ServerReadyRequest),
             "GRPCInferenceService.ServerMetadata": _empty(
                 "GRPCInferenceService.ServerMetadata", v2.ServerMetadataRequest),
+            "GRPCInferenceService.ModelStatistics": model_statistics,
+            "GRPCInferenceService.RepositoryIndex": _empty(
+                "GRPCInferenceService.RepositoryIndex", v2.RepositoryIndexRequest),
+            "GRPCInferenceService.RepositoryModelLoad": _repository_model(
+                v2.RepositoryModelLoadRequest, "GRPCInferenceService.RepositoryModelLoad"),
+            "GRPCInferenceService.RepositoryModelUnload": _repository_model(
+                v2.RepositoryModelUnloadRequest, "GRPCInferenceService.RepositoryModelUnload"),
             "Health.Check": health_check,
             "Health.Watch": health_watch,
             "Health.List": health_list,

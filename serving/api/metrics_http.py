@@ -1,18 +1,21 @@
-"""Prometheus /metrics over HTTP/1.1 on the server's event loop: prometheus_client's ASGI
-app under uvicorn, as a task beside the gRPC servers. (prometheus_client's own threaded
-server kept a thread for every idle connection, forever.)
+"""Prometheus /metrics over HTTP/1.1 on the server's event loop: the registry's page and
+Triton's families (serving/engine/metrics.py) under uvicorn, as a task beside the gRPC
+servers. (prometheus_client's own threaded server kept a thread for every idle
+connection, forever.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
+from collections.abc import Callable
 
 import h11
 import uvicorn
-from prometheus_client import make_asgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("recur.serve")
@@ -24,8 +27,8 @@ METRICS_MAX_CONNECTIONS = 100
 
 
 def bind(host: str, port: int, what: str) -> socket.socket:
-    """A listening socket for the metrics port, bound now, so that a taken port fails
-    before the models load, with the message _listen gives (and never shared either:
+    """A listening socket for the metrics (or HTTP) port, bound now, so that a taken port
+    fails before the models load, with the message _listen gives (and never shared either:
     SO_REUSEADDR, which asyncio's servers set too, does not let two listen on one port;
     SO_REUSEPORT would)."""
     refused = OSError(f"cannot listen on {host}:{port} ({what} port): it is in use or not "
@@ -47,10 +50,11 @@ def bind(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
-class _MetricsProtocol(H11Protocol):
+class HeadTimeoutProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 connection, which also closes a connection that has not sent
-    a whole request head METRICS_KEEP_ALIVE_S after it opened or after its last answer
-    (uvicorn times out only the idle time after an answer, and any byte stops that)."""
+    a whole request head `timeout_keep_alive` seconds after it opened or after its last
+    answer (uvicorn times out only the idle time after an answer, and any byte stops
+    that). The HTTP port (serving/api/http/) uses it too."""
 
     _deadline: asyncio.TimerHandle | None = None
 
@@ -87,39 +91,68 @@ class _MetricsProtocol(H11Protocol):
             self.transport.close()
 
 
-class MetricsServer(uvicorn.Server):
-    """/metrics over HTTP/1.1 on the server's event loop: prometheus_client's ASGI app
-    under uvicorn, as a task beside the gRPC servers (its stock threaded server kept a
-    thread for every idle connection, forever)."""
+def metrics_app(registry, extra: Callable[[], str] | None = None):
+    """The metrics page at every path, always in the Prometheus text format (0.0.4):
+    Triton's families, appended as text, could not follow an OpenMetrics page, which ends
+    with `# EOF`; Prometheus reads both formats."""
+    headers = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        body = generate_latest(registry)
+        if extra is not None:
+            body += extra().encode()
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body",
+                    "body": b"" if scope["method"] == "HEAD" else body})
+
+    return app
+
+
+class LoopServer(uvicorn.Server):
+    """uvicorn serving an ASGI app as a task on the server's event loop, beside the gRPC
+    servers (the metrics port here, the HTTP port in serving/api/http/)."""
 
     @contextlib.contextmanager
     def capture_signals(self):
         yield  # SIGTERM and SIGINT are serve()'s; uvicorn would take them for itself
 
     @classmethod
-    async def serving(cls, sock: socket.socket, registry) -> MetricsServer:
+    async def started(cls, config: uvicorn.Config, sock: socket.socket, what: str):
+        """Serving on `sock` (bound by `bind`), once it listens."""
+        server = cls(config)
+        server.running = asyncio.ensure_future(server.serve(sockets=[sock]))
+        server.running.add_done_callback(functools.partial(_report_failure, what))
+        while not server.started:  # listening in a few turns of the loop
+            if server.running.done():
+                server.running.result()  # its reason
+                raise OSError(f"the {what} server stopped as it started")
+            await asyncio.sleep(0.005)
+        return server
+
+    async def stop(self) -> None:
+        self.should_exit = True  # it closes its connections, within its graceful timeout
+        await self.running
+
+
+class MetricsServer(LoopServer):
+    """/metrics over HTTP/1.1 on the server's event loop (prometheus_client's stock
+    threaded server kept a thread for every idle connection, forever)."""
+
+    @classmethod
+    async def serving(cls, sock: socket.socket, registry,
+                      extra: Callable[[], str] | None = None) -> MetricsServer:
         config = uvicorn.Config(
-            make_asgi_app(registry=registry), loop="none", http=_MetricsProtocol, ws="none",
+            metrics_app(registry, extra), loop="none", http=HeadTimeoutProtocol, ws="none",
             lifespan="off", interface="asgi3", log_config=None, log_level="warning",
             access_log=False, proxy_headers=False, server_header=False,
             timeout_keep_alive=METRICS_KEEP_ALIVE_S,
             limit_concurrency=METRICS_MAX_CONNECTIONS,
             timeout_graceful_shutdown=1)
-        server = cls(config)
-        server.running = asyncio.ensure_future(server.serve(sockets=[sock]))
-        server.running.add_done_callback(_report_failure)
-        while not server.started:  # listening in a few turns of the loop
-            if server.running.done():
-                server.running.result()  # its reason
-                raise OSError("the metrics server stopped as it started")
-            await asyncio.sleep(0.005)
-        return server
-
-    async def stop(self) -> None:
-        self.should_exit = True  # it closes its connections, within a second
-        await self.running
+        return await cls.started(config, sock, "metrics")
 
 
-def _report_failure(task: asyncio.Future) -> None:
+def _report_failure(what: str, task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("the metrics port stopped serving: %r", task.exception())
+        log.error("the %s port stopped serving: %r", what, task.exception())

@@ -69,6 +69,11 @@ class EngineConfig:
     allow_cpu_fallback: bool = setting(
         False, "Serve on the CPU when CUDA was asked for but cannot be used (logged), instead "
         "of refusing to start.", MODELS)
+    model_control: bool = setting(
+        False, "Let clients load and unload models while serving (the Open Inference "
+        "Protocol's model repository extension: RepositoryModelLoad and RepositoryModelUnload "
+        "over gRPC, POST /v2/repository/models/NAME/load and /unload over HTTP). Off: those "
+        "calls are refused; the repository index is listed either way.", MODELS)
     strict_start: bool = setting(
         False, "Refuse to start when any version in the policy fails to load. Off: serve "
         "what loads, report the rest (log, ListModels, health) and retry them at every "
@@ -126,13 +131,16 @@ class EngineConfig:
         16, "Most stop strings one completion may give.", LIMITS)
     max_stop_string_chars: int = setting(
         256, "Longest stop string, in characters.", LIMITS)
+    max_top_logprobs: int = setting(
+        20, "Most alternatives a request may ask for at each token (OpenAI logprobs, "
+        "top_logprobs).", LIMITS)
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "token_budget", "max_queue", "chunk_tokens",
                     "max_sessions", "max_session_bytes", "max_sequences_per_request",
                     "max_tokens_per_sequence", "max_completion_tokens",
                     "default_completion_tokens", "max_samples", "max_stop_strings",
-                    "max_stop_string_chars")
+                    "max_stop_string_chars", "max_top_logprobs")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

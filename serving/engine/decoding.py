@@ -20,7 +20,7 @@ import numpy as np
 from serving.engine.errors import Unavailable, shutting_down
 from serving.engine.metrics import Metrics
 from serving.engine.repository import LoadedModel
-from serving.model.sampler import SamplingParams, sample_next
+from serving.model.sampler import SamplingParams, most_likely, sample_next
 
 WRITE_AHEAD = 64
 EOS, LENGTH, STOP = "eos", "length", "stop"  # why a sample finished
@@ -33,17 +33,21 @@ class TokenEvent:
     index: int
     id: int
     text: str
-    logprob: float
+    logprob: float  # the model's, before temperature, top-k and top-p
+    top: tuple[tuple[int, str, float], ...] = ()  # if asked: the most likely tokens there
 
 
 @dataclass(frozen=True, slots=True)
 class FinishEvent:
     """A sample's end: why (EOS, LENGTH or STOP) and its whole text (cut before a stop
-    string that ended it)."""
+    string that ended it); `last`, the token drawn that ended it without joining its text
+    (`<eos>` or one of stop_token_ids), for a client that lists every drawn token's
+    log-prob (None after a length or a stop-string finish)."""
 
     index: int
     reason: str
     text: str
+    last: TokenEvent | None = None
 
 
 Event = TokenEvent | FinishEvent
@@ -57,16 +61,18 @@ class CompletionParams:
     seed: int
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
+    top: int = 0  # most likely tokens to report beside each drawn one
 
 
 class Sample:
     """One sample of a completion: its generator, its state and the token drawn next."""
 
     def __init__(self, index: int, rng: np.random.Generator, state: np.ndarray,
-                 next_logprobs: np.ndarray, params: SamplingParams):
+                 next_logprobs: np.ndarray, params: SamplingParams, top: int = 0):
         self.index, self.rng, self.state = index, rng, state
         self.token = sample_next(next_logprobs, params, rng)
         self.logprob = float(next_logprobs[self.token])
+        self.top = most_likely(next_logprobs, top)  # (id, log-prob) of the token's draw
         self.ids: list[int] = []
         self.tail = ""  # the end of the text, as far back as a stop string could start
         self.length = 0  # of the whole text, in characters
@@ -161,6 +167,13 @@ class CompletionStream:
     async def __aexit__(self, *exc) -> None:
         self.cancel()
 
+    def failure(self) -> BaseException | None:
+        """Once the loop has ended: why it did not finish (its error, or CancelledError
+        when it was stopped), or None."""
+        if self._task.cancelled():
+            return asyncio.CancelledError()
+        return self._task.exception()
+
     def add_done_callback(self, callback: Callable[[], None]) -> None:
         """`callback()` once the decoding loop has ended, however it ended."""
         self._task.add_done_callback(lambda _: callback())
@@ -184,16 +197,19 @@ async def decode(model: LoadedModel, params: CompletionParams, active: list[Samp
             reason = stops.check(sample, token, vocab)
             if reason is None:
                 sample.ids.append(token)
-                events.append(TokenEvent(sample.index, token, vocab.tokens[token], logprob))
+                events.append(_token_event(sample, token, logprob, vocab))
                 if len(sample.ids) >= params.max_tokens:
                     reason = LENGTH
             if reason is None:
                 future = model.scheduler.submit(np.array([token], np.int64), sample.state,
-                                                np.zeros(1, np.int64), (sampler, sample.rng))
+                                                np.zeros(1, np.int64), (sampler, sample.rng),
+                                                params.top)
                 steps.append((sample, future))
             else:
                 text = vocab.decode(sample.ids) if sample.text is None else sample.text
-                events.append(FinishEvent(sample.index, reason, text))
+                ended = (_token_event(sample, token, logprob, vocab)
+                         if reason in (EOS, STOP) and sample.text is None else None)
+                events.append(FinishEvent(sample.index, reason, text, ended))
         generated = sum(1 for e in events if isinstance(e, TokenEvent))
         metrics.tokens.labels(model.label, "generated").inc(generated)
         for event in events:
@@ -206,8 +222,13 @@ async def decode(model: LoadedModel, params: CompletionParams, active: list[Samp
             for sample, future in steps:
                 result = await future
                 sample.state, sample.token = result.state, result.token
-                sample.logprob = result.token_logprob
+                sample.logprob, sample.top = result.token_logprob, result.top or []
                 active.append(sample)
         finally:  # cancelled or failed: the other samples' steps need not run
             for _, future in steps:
                 future.cancel()
+
+
+def _token_event(sample: Sample, token: int, logprob: float, vocab) -> TokenEvent:
+    return TokenEvent(sample.index, token, vocab.tokens[token], logprob,
+                      tuple((i, vocab.tokens[i], lp) for i, lp in sample.top))

@@ -14,6 +14,7 @@ model's ModelRuntime (serving/model/runtime.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import secrets
 import time
@@ -39,7 +40,7 @@ from serving.engine.errors import (
 )
 from serving.engine.inputs import Encoded, Input, encode, encode_all
 from serving.engine.metrics import Metrics
-from serving.engine.repository import LoadedModel, ModelRepository
+from serving.engine.repository import LoadedModel, ModelRepository, ModelState
 from serving.engine.results import (
     Classified,
     ModelId,
@@ -51,12 +52,36 @@ from serving.engine.results import (
 from serving.engine.scheduler import Admission, BatchLimits
 from serving.engine.sessions import Session, SessionLive, SessionStore
 from serving.engine.state_tokens import Snapshot, StateTokenKeys, TokenRejected
-from serving.model.sampler import SamplingParams, make_rng
+from serving.engine.stats import ModelStatistics, counting, current_timing, note_model
+from serving.model.sampler import SamplingParams, make_rng, most_likely
 
 TOKEN_KINDS = {"lm": "scored", "tag": "tagged", "classify": "classified"}
+# A request whose inputs hold more characters or token ids than this is tokenized on a
+# worker thread: about 12 ms of the event loop's time at this size, and a 4 MB request
+# (two million tokens) would hold the loop for most of a second.
+OFF_LOOP_UNITS = 32768
 # An adapter's own check of a request's tokenized inputs, run before anything is computed
 # (the size of its response, say); it raises an EngineError to refuse the request.
 Check = Callable[[Sequence[Encoded]], None]
+
+
+def _counted(operation):
+    """An inference request, counted in its model's statistics (stats.py) from its start
+    to its end, its steps timed; the operation binds it to its model (`_bind`) once known."""
+
+    @functools.wraps(operation)
+    async def counted(self, *args, **kwargs):
+        with counting():
+            return await operation(self, *args, **kwargs)
+
+    return counted
+
+
+def _bind(model: LoadedModel, count: int = 1) -> None:
+    note_model(model.name)  # a session step names no model: its session's counts
+    if (timing := current_timing.get()) is not None:
+        timing.count = count
+        timing.bind(model.scheduler.stats)
 
 
 class Engine:
@@ -104,9 +129,11 @@ class Engine:
               name_field: str = "model.name",
               version_field: str = "model.version") -> LoadedModel:
         """The model a request names (version 0: the highest served); errors name the
-        request's own fields."""
-        return self.repository.get(name, version, task, name_field=name_field,
-                                   version_field=version_field)
+        request's own fields. The name is noted for the request's metrics (stats.py)."""
+        model = self.repository.get(name, version, task, name_field=name_field,
+                                    version_field=version_field)
+        note_model(model.name)  # only once found: a client's typo makes no metric series
+        return model
 
     def models(self) -> list[LoadedModel]:
         return self.repository.all()
@@ -119,6 +146,17 @@ class Engine:
     def versions(self, name: str) -> list[int]:
         """The versions of `name` served, in order."""
         return self.repository.versions(name)
+
+    def statistics(self, name: str = "", version: int = 0) -> list[ModelStatistics]:
+        """Triton's statistics of every served version (of `name`, of `version` of it),
+        in order; an unknown name or version is NotFound, as a lookup."""
+        if name:
+            self.model(name, version, name_field="name", version_field="version")  # or raise
+            models = [self.model(name, v, name_field="name")
+                      for v in ([version] if version else self.versions(name))]
+        else:
+            models = sorted(self.models(), key=lambda m: (m.name, m.version))
+        return [m.scheduler.stats.snapshot(m.name, m.version) for m in models]
 
     # -- scoring --------------------------------------------------------------------------
     def prepare_scores(self, model: LoadedModel, inputs: Sequence[Input | None],
@@ -134,43 +172,86 @@ class Engine:
         sequences; release the admission when their work ends."""
         return await model.scheduler.admit_when_room(count)
 
+    @_counted
     async def score_prepared(self, model: LoadedModel, encoded: Sequence[Encoded],
                              add_eos: bool = True) -> list[Scored]:
         """Scores inputs of prepare_scores; the caller holds their admission."""
-        with model.in_use():
-            return await _gather(*(self._score_one(model, e, add_eos) for e in encoded))
+        _bind(model, len(encoded))
+        return await self._score_encoded(model, encoded, add_eos)
 
+    @_counted
     async def score(self, model: LoadedModel, inputs: Sequence[Input | None],
                     add_eos: bool = True, field: str = "inputs",
-                    check: Check | None = None) -> list[Scored]:
+                    check: Check | None = None, top_logprobs: int = 0,
+                    top_field: str = "top_logprobs") -> list[Scored]:
         """Each input's per-token log-probs under the scoring convention (read from the
         state after `<eos>`; with add_eos its final `<eos>` is scored too). `check` sees
         the tokenized inputs before anything runs (an adapter's own limits, such as the
-        size of its response)."""
-        encoded = self.prepare_scores(model, inputs, add_eos, field)
+        size of its response). With `top_logprobs` N, each token also gets the N most
+        likely tokens at its position (Scored.top)."""
+        _bind(model, len(inputs))
+        self._check_top_logprobs(model, top_logprobs, top_field)
+        encoded = await self._off_loop_if_large(inputs, self.prepare_scores, model, inputs,
+                                                add_eos, field)
+        _bind(model, len(encoded))
         if check is not None:
             check(encoded)
         with model.scheduler.admit(len(encoded)):
-            return await self.score_prepared(model, encoded, add_eos)
+            return await self._score_encoded(model, encoded, add_eos, top_logprobs)
 
-    async def _score_one(self, model: LoadedModel, encoded: Encoded, add_eos: bool) -> Scored:
+    async def _score_encoded(self, model: LoadedModel, encoded: Sequence[Encoded],
+                             add_eos: bool, top: int = 0) -> list[Scored]:
+        with model.in_use():
+            return await _gather(*(self._score_one(model, e, add_eos, top) for e in encoded))
+
+    async def _score_one(self, model: LoadedModel, encoded: Encoded, add_eos: bool,
+                         top: int = 0) -> Scored:
         vocab = model.vocab
         ids, words = encoded.ids, list(encoded.words)
         if add_eos:
             ids, words = np.append(ids, vocab.eos_id), words + [vocab.tokens[vocab.eos_id]]
-        logprobs = (await operations.score(model, ids, self.config.chunk_tokens)).tolist()
+        alternatives = None
+        if top:
+            logprobs, ranked = await operations.score_ranked(model, ids, top)
+            alternatives = [[(i, vocab.tokens[i], lp) for i, lp in row] for row in ranked]
+        else:
+            logprobs = (await operations.score(model, ids, self.config.chunk_tokens)).tolist()
         self.metrics.tokens.labels(model.label, "scored").inc(len(ids))
-        return Scored(ids.tolist(), words, logprobs, encoded.unknown, math.fsum(logprobs))
+        return Scored(ids.tolist(), words, logprobs, encoded.unknown, math.fsum(logprobs),
+                      alternatives)
+
+    async def _off_loop_if_large(self, inputs: Sequence[Input | None], encoder, *args):
+        """`encoder(*args)`, on a worker thread when `inputs` are large (the thread gives
+        the loop back the GIL every few milliseconds; a request over the count limit is
+        refused at once, before its size is looked at)."""
+        if len(inputs) <= self.config.max_sequences_per_request:
+            units = 0
+            for item in inputs:
+                if item is not None:
+                    units += len(item.text) if item.text is not None else len(item.ids or ())
+                if units > OFF_LOOP_UNITS:
+                    return await asyncio.to_thread(encoder, *args)
+        return encoder(*args)
+
+    def _check_top_logprobs(self, model: LoadedModel, top: int, field: str) -> None:
+        if top < 0:
+            raise InvalidArgument(field, f"must be >= 0, got {top}")
+        if top > self.config.max_top_logprobs:
+            raise LimitExceeded("max_top_logprobs", top, self.config.max_top_logprobs, field)
 
     # -- tagging and classification -------------------------------------------------------
+    @_counted
     async def tag(self, model: LoadedModel, inputs: Sequence[Input | None],
                   field: str = "inputs", check: Check | None = None) -> list[Tagged]:
+        _bind(model, len(inputs))
         labels = model.labels
         return [tagged(e.words, logprobs, labels) for e, logprobs in
                 await self._encode_texts(model, "tag", inputs, field, check)]
 
+    @_counted
     async def classify(self, model: LoadedModel, inputs: Sequence[Input | None],
                        field: str = "inputs") -> list[Classified]:
+        _bind(model, len(inputs))
         labels = model.labels
         return [Classified(labels, logprobs)
                 for _, logprobs in await self._encode_texts(model, "classify", inputs, field)]
@@ -181,8 +262,9 @@ class Engine:
         if model.task != task:
             model = self.model(model.name, model.version, task)  # raises, naming the task
         config = self.config
-        encoded = encode_all(inputs, model.vocab, field, config.max_sequences_per_request,
-                             config.max_tokens_per_sequence)
+        encoded = await self._off_loop_if_large(
+            inputs, encode_all, inputs, model.vocab, field, config.max_sequences_per_request,
+            config.max_tokens_per_sequence)
         if check is not None:
             check(encoded)
         with model.scheduler.admit(len(encoded)), model.in_use():
@@ -194,19 +276,26 @@ class Engine:
         return [(e, r.outputs) for e, r in zip(encoded, results, strict=True)]
 
     # -- completion -----------------------------------------------------------------------
+    @_counted
     async def complete(self, model: LoadedModel, prompt: Input | None, *, max_tokens: int = 0,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                        n: int = 0, seed: int | None = None, stop: Sequence[str] = (),
-                       stop_token_ids: Sequence[int] = ()) -> CompletionStream:
+                       stop_token_ids: Sequence[int] = (), top_logprobs: int = 0,
+                       top_field: str = "top_logprobs") -> CompletionStream:
         """Streamed samples of continuations of `prompt` (None or empty: a new sentence).
         max_tokens 0 means the server's default, n 0 means one sample, temperature 0 is
-        greedy, top_k 0 and top_p 1 are no limit; without a seed one is drawn. Everything
-        is checked, and the prompt read, before the stream is returned."""
+        greedy, top_k 0 and top_p 1 are no limit; without a seed one is drawn. With
+        `top_logprobs` N each token event also carries the N most likely tokens of the
+        distribution it was drawn from (raw model log-probs, as its own). Everything is
+        checked, and the prompt read, before the stream is returned; the request counts
+        in the model's statistics until the stream ends."""
         started = time.perf_counter()
         if model.task != "lm":
             model = self.model(model.name, model.version, "lm")
+        _bind(model, max(n, 1))
+        self._check_top_logprobs(model, top_logprobs, top_field)
         params = self._completion_params(model, max_tokens, temperature, top_k, top_p, n,
-                                         seed, stop, stop_token_ids)
+                                         seed, stop, stop_token_ids, top_logprobs)
         ids = encode(prompt, model.vocab, self.config.max_tokens_per_sequence,
                      allow_empty=True, optional=True).ids
         # admitted whole: all its samples, held until the decoding loop ends, except while
@@ -222,7 +311,7 @@ class Engine:
             start = await operations.read_prompt(model, ids, self.config.chunk_tokens)
             self.metrics.tokens.labels(model.label, "prompt").inc(len(ids))
             active = [Sample(i, make_rng(params.seed, i), start.state, start.next_logprobs,
-                             params.sampling) for i in range(params.samples)]
+                             params.sampling, params.top) for i in range(params.samples)]
 
             def produce(emit) -> Awaitable[None]:
                 async def emit_or_give_way(event) -> None:
@@ -242,18 +331,25 @@ class Engine:
             raise
         stream.add_done_callback(model.release)
         stream.add_done_callback(lambda: admitted[0].release())
+        timing = current_timing.get()
+        if timing is not None:  # counted until the stream ends
+            timing.detached = True
+            stream.add_done_callback(lambda: timing.finish(stream.failure()))
         return stream
 
     def _completion_params(self, model: LoadedModel, max_tokens: int, temperature: float,
                            top_k: int, top_p: float, n: int, seed: int | None,
-                           stop: Sequence[str], stop_token_ids: Sequence[int]
-                           ) -> CompletionParams:
+                           stop: Sequence[str], stop_token_ids: Sequence[int],
+                           top_logprobs: int = 0) -> CompletionParams:
         config, vocab = self.config, model.vocab
         if not math.isfinite(temperature) or temperature < 0:
             raise InvalidArgument("temperature", f"must be >= 0 (0 is greedy), got "
                                   f"{temperature}")
         if top_k < 0:
             raise InvalidArgument("top_k", f"must be >= 0 (0 is no limit), got {top_k}")
+        if top_k > len(vocab):
+            raise InvalidArgument("top_k", f"{top_k} exceeds the vocabulary size "
+                                  f"{len(vocab)}")
         if not 0.0 < top_p <= 1.0:
             raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
         if max_tokens < 0:
@@ -270,10 +366,13 @@ class Engine:
         if len(stop_token_ids) > len(vocab):
             raise InvalidArgument("stop_token_ids", f"{len(stop_token_ids)} ids, more than "
                                   f"the vocabulary's {len(vocab)}")
-        stop_ids = np.asarray(stop_token_ids, np.int64)
-        if (bad := np.flatnonzero((stop_ids < 0) | (stop_ids >= len(vocab)))).size:
+        # as Python ints first: an id past int64 would overflow numpy's conversion
+        stop_ids = np.asarray([i if 0 <= i < len(vocab) else -1 for i in stop_token_ids],
+                              np.int64)
+        if (bad := np.flatnonzero(stop_ids < 0)).size:
             i = int(bad[0])
-            raise InvalidArgument(f"stop_token_ids[{i}]", f"token id {stop_ids[i]} is out of "
+            raise InvalidArgument(f"stop_token_ids[{i}]", f"token id "
+                                  f"{shown(str(stop_token_ids[i]), quote=False)} is out of "
                                   f"range [0, {len(vocab)})")
         if len(stop) > config.max_stop_strings:
             raise LimitExceeded("max_stop_strings", len(stop), config.max_stop_strings, "stop")
@@ -286,9 +385,10 @@ class Engine:
         return CompletionParams(
             SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p), max_tokens,
             samples, secrets.randbits(63) if seed is None else seed, tuple(stop),
-            frozenset(stop_token_ids))
+            frozenset(stop_token_ids), top_logprobs)
 
     # -- sessions -------------------------------------------------------------------------
+    @_counted
     async def create_session(self, model: LoadedModel, prefix: Input | None = None,
                              top_k: int = 0, client: str = "",
                              check: Check | None = None) -> SessionStep:
@@ -310,6 +410,7 @@ class Engine:
                                            last_token, client=client)
             return await self._first_step(session, encoded, top_k, None)
 
+    @_counted
     async def create_session_from(self, state_token: bytes, prefix: Input | None = None,
                                   top_k: int = 0, client: str = "",
                                   check: Check | None = None, model_name: str = "",
@@ -331,6 +432,7 @@ class Engine:
                                            client=client)
             return await self._first_step(session, encoded, top_k, None)
 
+    @_counted
     async def append(self, session_id: str, item: Input | None, top_k: int = 0,
                      state_token: bytes = b"", allow_empty: bool = False,
                      field: str = "input", client: str = "",
@@ -384,6 +486,8 @@ class Engine:
     def close_session(self, session_id: str) -> None:
         if not session_id:
             raise InvalidArgument("session_id", "required")
+        if (held := self.sessions.peek(session_id)) is not None:
+            note_model(held.model.name)
         self.sessions.close(session_id)
 
     def end_session(self, session_id: str, generation: int) -> None:
@@ -413,6 +517,7 @@ class Engine:
 
     def _encode_step(self, model: LoadedModel, item: Input | None, top_k: int,
                      allow_empty: bool, field: str, check: Check | None) -> Encoded:
+        _bind(model)
         self._check_top_k(top_k, model)
         encoded = encode(item, model.vocab, self.config.max_tokens_per_sequence,
                          allow_empty=allow_empty, optional=allow_empty, field=field)
@@ -531,7 +636,7 @@ class Engine:
             if model.task == "lm":
                 tokens = model.vocab.tokens
                 result.next_tokens = [(i, tokens[i], lp)
-                                      for i, lp in operations.top_k(next_logprobs, top_k)]
+                                      for i, lp in most_likely(next_logprobs, top_k)]
             if self.token_keys is not None and resume_state is not None:
                 result.state_token = self.token_keys.seal(Snapshot(
                     model.name, model.version, position, resume_state, last_token,
@@ -545,6 +650,31 @@ class Engine:
         if top_k > len(model.vocab):
             raise InvalidArgument("top_k", f"{top_k} exceeds the vocabulary size "
                                   f"{len(model.vocab)}")
+
+    # -- model control (the Open Inference Protocol's repository extension) ---------------
+    async def repository_index(self) -> list[ModelState]:
+        """Every model folder of the repository with its versions' states."""
+        return await self.repository.index()
+
+    async def load_model(self, name: str, field: str = "model_name") -> list[str]:
+        """(Re)reads model `name` from the repository (model_control only): the versions
+        served are replaced by fresh ones, the old ones retire as for a removed version."""
+        self._check_model_control()
+        note_model(name)
+        return await self.repository.load_model(name, field)
+
+    async def unload_model(self, name: str, field: str = "model_name") -> None:
+        """Retires every version of `name` (model_control only), until a load."""
+        self._check_model_control()
+        note_model(name)
+        await self.repository.unload_model(name, field)
+
+    def _check_model_control(self) -> None:
+        if not self.config.model_control:
+            raise FailedPrecondition("model_control", "loading and unloading models is off on "
+                                     "this server (start it with --model-control, "
+                                     "RECUR_MODEL_CONTROL=true or model_control = true)",
+                                     "MODEL_CONTROL_DISABLED")
 
 
 def _describe(result: SessionStep, model: LoadedModel, encoded: Encoded,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.engine.repository import LoadedModel
+from serving.model.sampler import most_likely
 
 
 @dataclass
@@ -48,6 +49,26 @@ async def score(model: LoadedModel, ids: np.ndarray, chunk: int) -> np.ndarray:
     eos = model.runtime.vocab.eos_id
     inputs = np.concatenate([[eos], ids[:-1]]).astype(np.int64)
     return (await run_chunks(model, inputs, model.initial_state(), ids, chunk)).outputs
+
+
+async def score_ranked(model: LoadedModel, ids: np.ndarray, k: int
+                       ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """The scoring convention's log-probs of `ids` and, at each position, the k most likely
+    tokens with theirs. The graph gives a whole distribution only after a row's last
+    token, so the tokens are read one step at a time (each step batched with everyone
+    else's): len(ids) - 1 calls in sequence instead of one. A token's log-prob and its
+    alternatives come from the same distribution, so a token that is the most likely has
+    exactly the first alternative's log-prob."""
+    state, next_logprobs = model.start_state, model.start_logprobs
+    logprobs, ranked = [], []
+    for position, token in enumerate(ids.tolist()):
+        logprobs.append(float(next_logprobs[token]))
+        ranked.append(most_likely(next_logprobs, k))
+        if position + 1 < len(ids):
+            result = await model.scheduler.run(np.array([token], np.int64), state,
+                                               np.zeros(1, np.int64))
+            state, next_logprobs = result.state, result.next_logprobs
+    return logprobs, ranked
 
 
 async def read_prompt(model: LoadedModel, ids: np.ndarray, chunk: int) -> Advance:
@@ -90,11 +111,3 @@ async def resume(model: LoadedModel, state: np.ndarray, last_token: int) -> Adva
     token = np.array([last_token], np.int64)
     return await run_chunks(model, token, state, np.zeros(1, np.int64), 1)
 
-
-def top_k(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
-    if k <= 0:
-        return []
-    k = min(k, len(logprobs))
-    best = np.argpartition(-logprobs, k - 1)[:k]
-    best = best[np.argsort(-logprobs[best], kind="stable")]
-    return [(int(i), float(logprobs[i])) for i in best]

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.engine.config import VersionPolicy
-from serving.engine.errors import InvalidArgument, NotFound, shown
+from serving.engine.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from serving.engine.metrics import Metrics
 from serving.engine.scheduler import BatchLimits, Scheduler
 from serving.model.artifact import MAX_VERSION, load_artifact, version_of
@@ -49,6 +49,18 @@ TASK_NAMES = {"lm": "a language model", "tag": "a tagger", "classify": "a classi
 
 class NoVersionLoaded(ValueError):
     """At start, no version in the policy loaded (the message names each failure)."""
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A model folder's entry in the repository index (Triton's RepositoryIndex): a version
+    served (READY), one retired and still serving its open sessions (UNLOADING), one that
+    does not load, or a model with no version served (UNAVAILABLE, with the reason)."""
+
+    name: str
+    version: str  # "" for a model with no version served
+    state: str
+    reason: str = ""
 
 
 class _PolicyWalk:
@@ -199,6 +211,8 @@ class ModelRepository:
         self.on_release: Callable[[LoadedModel], None] = lambda model: None
         self._warned: set[str] = set()
         self.started = False
+        self.unloaded: set[str] = set()  # unloaded by a client (model control): not reloaded
+        self._changing = asyncio.Lock()  # one refresh, load or unload at a time
         scanned = self._looked_at(self._scan())
         failed: dict[tuple[str, int, Path], Exception] = {}
         walk = _PolicyWalk(self.policy, scanned)
@@ -290,11 +304,16 @@ class ModelRepository:
 
     # -- while serving --------------------------------------------------------------------
     async def refresh(self) -> list[str]:
+        async with self._changing:
+            return await self._refresh()
+
+    async def _refresh(self) -> list[str]:
         """Loads the versions that entered the policy (ONNX Runtime's session setup runs off
         the event loop, so requests keep flowing) and unloads those that left it; returns
         the labels loaded. A version that fails to load (still being copied, or corrupt) is
         logged once and retried at the next refresh."""
         scanned = self._looked_at(await asyncio.to_thread(self._scan))
+        scanned = {name: found for name, found in scanned.items() if name not in self.unloaded}
         fresh: list[LoadedModel] = []
         wanted: set[tuple[str, int]] = set()
         failed: dict[tuple[str, int, Path], Exception] = {}
@@ -450,3 +469,88 @@ class ModelRepository:
         await asyncio.gather(*self.retiring.values(), return_exceptions=True)
         for model in [*self.all(), *draining]:
             await model.scheduler.close()  # closing twice is harmless
+
+    # -- model control (the Open Inference Protocol's repository extension) ---------------
+    async def index(self) -> list[ModelState]:
+        """Every model folder (and every model still served from a folder gone), by name:
+        its versions served, retiring and failing, or why none is served."""
+        scanned, skipped = await asyncio.to_thread(self._scan)
+        entries: dict[str, list[ModelState]] = {}
+        for model in self.all():
+            entries.setdefault(model.name, []).append(
+                ModelState(model.name, str(model.version), "READY"))
+        for model in self.retiring:
+            if not model.released:
+                entries.setdefault(model.name, []).append(ModelState(
+                    model.name, str(model.version), "UNLOADING",
+                    "retired: serves its open sessions until they end"))
+        for (name, version), why in self.unavailable.items():
+            entries.setdefault(name, []).append(ModelState(name, str(version), "UNAVAILABLE",
+                                                           why))
+        folders = set(scanned) | {path.name for path in skipped if path.parent == self.root}
+        for name in sorted(folders - entries.keys()):
+            if name in self.unloaded:
+                why = "unloaded"
+            elif name in scanned:
+                why = (f"none of its versions ({', '.join(str(v) for v, _ in scanned[name])}) "
+                       f"is in the version policy {self.policy}")
+            else:
+                why = "no version folders"
+            entries[name] = [ModelState(name, "", "UNAVAILABLE", why)]
+        return [entry for name in sorted(entries)
+                for entry in sorted(entries[name], key=lambda e: int(e.version or 0))]
+
+    async def load_model(self, name: str, field_name: str = "model_name") -> list[str]:
+        """(Re)reads `name` from its folder: fresh instances of the versions its policy
+        takes, each replacing the one served (which retires, its sessions draining as for
+        a version removed). Nothing changes unless at least one version loads; returns the
+        labels loaded."""
+        async with self._changing:
+            scanned, _ = await asyncio.to_thread(self._scan)
+            if name not in scanned:
+                raise NotFound(f"{field_name}: no model folder {shown(name)} with version "
+                               f"folders in the repository (models: "
+                               f"{', '.join(sorted(scanned))})", model=name)
+            fresh: list[LoadedModel] = []
+            failed: dict[tuple[str, int, Path], Exception] = {}
+            walk = _PolicyWalk(self.policy, {name: scanned[name]})
+            for _, version, path in walk:
+                try:
+                    fresh.append(await asyncio.to_thread(self._load, name, version, path))
+                except Exception as error:  # noqa: BLE001 (reported to the client, logged)
+                    failed[name, version, path] = error
+                    continue
+                walk.take()
+            self.unavailable = {key: why for key, why in self.unavailable.items()
+                                if key[0] != name}
+            self.unavailable.update({(n, v): self._reason(e) for (n, v, _), e in failed.items()})
+            if not fresh:
+                problems = "; ".join(f"{n}/{v}: {self._reason(e)}"
+                                     for (n, v, _), e in failed.items())
+                raise FailedPrecondition(field_name, f"no version of {shown(name)} loaded "
+                                         f"({problems or 'none is in the version policy'}); "
+                                         "what was served goes on", "MODEL_LOAD_FAILED")
+            # nothing awaits from here on: lookups see the old versions, then the new
+            self.unloaded.discard(name)
+            for model in list(self.models.get(name, {}).values()):
+                self.unload(model)
+            for model in fresh:
+                self._add(model)
+                log.info("loaded %s (requested by a client)", model.label)
+            return [model.label for model in fresh]
+
+    async def unload_model(self, name: str, field_name: str = "model_name") -> None:
+        """Retires every version of `name` served (sessions drain as for a version
+        removed); it stays unloaded, through refreshes, until a load."""
+        async with self._changing:
+            served = list(self.models.get(name, {}).values())
+            if not served and name not in self.unloaded:
+                scanned, skipped = await asyncio.to_thread(self._scan)
+                if name not in scanned and self.root / name not in skipped:
+                    raise NotFound(f"{field_name}: no model named {shown(name)} (serving: "
+                                   f"{', '.join(sorted(self.models))})", model=name)
+            self.unloaded.add(name)
+            self.unavailable = {key: why for key, why in self.unavailable.items()
+                                if key[0] != name}
+            for model in served:
+                self.unload(model)

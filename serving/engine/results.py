@@ -25,6 +25,9 @@ class Scored:
     logprobs: list[float]
     unknown: int  # words of the input mapped to <unk>
     total_logprob: float
+    # if asked for: per token, the most likely tokens at its position, (id, text, log-prob),
+    # most likely first
+    top: list[list[tuple[int, str, float]]] | None = None
 
     @property
     def token_count(self) -> int:

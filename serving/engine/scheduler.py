@@ -39,8 +39,9 @@ import numpy as np
 
 from serving.engine.errors import ExecutionFailed, Overloaded, Unavailable
 from serving.engine.metrics import Metrics
+from serving.engine.stats import RequestTiming, current_timing
 from serving.model.runtime import ModelRuntime
-from serving.model.sampler import SamplingParams, sample_batch
+from serving.model.sampler import SamplingParams, most_likely, sample_batch
 
 Sampler = tuple[SamplingParams, np.random.Generator]
 
@@ -53,6 +54,8 @@ class Step:
     future: asyncio.Future
     enqueued: float
     sampler: Sampler | None = None  # a completion's: its next token is drawn in the batch
+    top: int = 0  # with a sampler: the most likely tokens to return beside the drawn one
+    timing: RequestTiming | None = None  # the request it is part of, for its statistics
 
 
 class Admission:
@@ -80,6 +83,7 @@ class StepResult:
     state: np.ndarray | None  # [L, S] after the step's last token
     token: int | None = None  # with a sampler: the next token drawn, and its log-prob
     token_logprob: float | None = None
+    top: list[tuple[int, float]] | None = None  # with a sampler and `top`: (id, log-prob)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class Scheduler:
         self._batch_size = metrics.batch_size.labels(label)
         self._rejected = metrics.rejected.labels(label)
         self._executed = metrics.executed_tokens.labels(label)
+        self.stats = metrics.stats_for(label)
+        self._times = (0.0, 0.0, 0.0)  # of the last call: inputs, ONNX Runtime, outputs
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.label)
@@ -167,12 +173,14 @@ class Scheduler:
 
     def submit(self, tokens: np.ndarray, state: np.ndarray | None,
                targets: np.ndarray | None = None,
-               sampler: Sampler | None = None) -> asyncio.Future:
+               sampler: Sampler | None = None, top: int = 0) -> asyncio.Future:
         """Queues one step. With a sampler (completions), the result also carries the next
-        token, drawn on the worker for all such rows of the batch at once (sample_batch).
-        The caller holds an admission for the sequence (`admit`)."""
+        token, drawn on the worker for all such rows of the batch at once (sample_batch),
+        and with `top` the most likely tokens of that draw's distribution. The caller holds
+        an admission for the sequence (`admit`). The step's time counts toward the request
+        being timed in this context (stats.current_timing), if any."""
         step = Step(tokens, state, targets, asyncio.get_running_loop().create_future(),
-                    time.perf_counter(), sampler)
+                    time.perf_counter(), sampler, top, current_timing.get())
         self._buckets.setdefault(len(tokens).bit_length(), deque()).append(step)
         self._count += 1
         self.peak_depth = max(self.peak_depth, self._count)
@@ -216,12 +224,31 @@ class Scheduler:
                 continue
             self._execution.observe(time.perf_counter() - started)
             self._batch_size.observe(len(batch))
+            self._account(batch, started)
             for step, result in zip(batch, results):
                 if not step.future.done():
                     step.future.set_result(result)
             # Let the callers run before the next batch: a completion samples and submits
             # its next step, so it joins that batch.
             await asyncio.sleep(0)
+
+    def _account(self, batch: list[Step], started: float) -> None:
+        """The call's times, once for the model and once for each request in the batch
+        (however many of its steps the batch ran), and each request's longest wait."""
+        input_s, infer_s, output_s = self._times
+        self.stats.record_batch(len(batch), input_s, infer_s, output_s)
+        waits: dict[int, tuple[RequestTiming, float]] = {}
+        for step in batch:
+            if step.timing is not None:
+                wait = started - step.enqueued
+                seen = waits.get(id(step.timing))
+                if seen is None or seen[1] < wait:
+                    waits[id(step.timing)] = (step.timing, wait)
+        for timing, wait in waits.values():
+            timing.queue_s += wait
+            timing.input_s += input_s
+            timing.infer_s += infer_s
+            timing.output_s += output_s
 
     def _inline(self, batch: list[Step]) -> bool:
         """Whether the batch may run on the loop's thread: a lone one-token step, nothing
@@ -264,7 +291,9 @@ class Scheduler:
         return results
 
     def _run(self, batch: Sequence[Step]) -> list[StepResult]:
-        """Pads the steps into one [B, T] call."""
+        """Pads the steps into one [B, T] call; times its three parts (Triton's compute
+        input, infer and output) into `_times`."""
+        began = time.perf_counter()
         sizes = [len(step.tokens) for step in batch]
         width = max(sizes)
         tokens = np.zeros((len(batch), width), np.int64)
@@ -278,7 +307,9 @@ class Scheduler:
             targets = np.zeros_like(tokens)
             for row, step in enumerate(batch):
                 targets[row, : len(step.tokens)] = step.targets
+            prepared = time.perf_counter()
             out = self.runtime.run_lm(tokens, lengths, state, targets)
+            ran = time.perf_counter()
             new_state = out.state.numpy()
             results = [StepResult(out.token_logprobs[row, :n],
                                   None if step.sampler else out.next_logprobs[row].copy(),
@@ -291,10 +322,18 @@ class Scheduler:
                 for i, (row, token) in enumerate(zip(sampled, drawn, strict=True)):
                     results[row].token = int(token)
                     results[row].token_logprob = float(logprobs[i, token])
+                    if batch[row].top:
+                        results[row].top = most_likely(logprobs[i], batch[row].top)
+            self._times = (prepared - began, ran - prepared, time.perf_counter() - ran)
             return results
+        prepared = time.perf_counter()
         outputs, new_state = self.runtime.run_encoder(tokens, lengths, state)
+        ran = time.perf_counter()
         new_state = new_state.numpy() if new_state is not None else None
         per_token = self.runtime.task == "tag"
-        return [StepResult(outputs[row, :n] if per_token else outputs[row], None,
-                           None if new_state is None else new_state[:, row].copy())
-                for row, n in enumerate(lengths)]
+        results = [StepResult(outputs[row, :n] if per_token else outputs[row], None,
+                              None if new_state is None else new_state[:, row].copy())
+                   for row, n in enumerate(lengths)]
+        self._times = (prepared - began, ran - prepared, time.perf_counter() - ran)
+        return results
+

@@ -144,3 +144,14 @@ def draw(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     for r in np.flatnonzero((i >= BLOCK) | (chosen[row, np.minimum(i, BLOCK - 1)] == 0.0)):
         i[r] = np.flatnonzero(chosen[r])[-1]  # rounding between the two sums: the block's
     return b * BLOCK + i  # last token that can be drawn
+
+
+def most_likely(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely (id, log-prob), most likely first (ties: the lower id first), by a
+    partial sort: O(V + k log k), not a sort of the whole vocabulary."""
+    if k <= 0:
+        return []
+    k = min(k, len(logprobs))
+    best = np.argpartition(-logprobs, k - 1)[:k]
+    best = best[np.lexsort((best, -logprobs[best]))]
+    return [(int(i), float(logprobs[i])) for i in best]

@@ -85,6 +85,14 @@ def main() -> None:
         streamed.append(f"error: {error}" if error else logprobs(result))
     client.stop_stream()
     out["streamed"] = streamed
+    # the extensions: statistics (perf_analyzer's server-side numbers), the repository
+    out["statistics"] = client.get_inference_statistics(model, as_json=True)
+    out["index"] = client.get_model_repository_index(as_json=True)
+    try:  # the server runs without model control
+        client.unload_model(model)
+        out["unload"] = "accepted"
+    except grpcclient.InferenceServerException as error:
+        out["unload"] = f"{error.status()}: {error.message()}"
     out["descriptors"] = descriptors()
     print(json.dumps(out))
 

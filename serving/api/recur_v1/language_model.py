@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import grpc
@@ -18,9 +19,11 @@ from serving.api.recur_v1.convert import (
     to_inputs,
 )
 from serving.api.rpc.auth import peer_of
-from serving.api.rpc.handlers import rpc, until_closing
+from serving.api.rpc.handlers import message, record, rpc, until_closing
+from serving.api.rpc.status import code_of
 from serving.engine.engine import Engine
-from serving.engine.errors import Unavailable
+from serving.engine.errors import EngineError, Unavailable
+from serving.engine.stats import request_scope
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 from serving.proto_gen.recur.v1 import recur_pb2_grpc as pb_grpc
 
@@ -52,43 +55,55 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         return pb.ScoreResponse(scores=[sequence_score(s) for s in scores],
                                 model=model_ref(model))
 
-    @rpc(SERVICE)
+    @rpc(SERVICE, stream=True)
     async def ScoreStream(self, requests, context) -> None:
         """Reads a message only while fewer than `stream_window` sequences and
         `stream_window_bytes` bytes are outstanding: beyond that, HTTP/2 flow control holds
-        the client back, so a stream's memory stays bounded however slowly it reads."""
+        the client back, so a stream's memory stays bounded however slowly it reads. Each
+        message counts as a request, from its arrival to its answer."""
         engine = self.engine
         window = _Window(self.stream_window, self.stream_window_bytes)
         ordered: asyncio.Queue = asyncio.Queue()
 
         async def read() -> None:
             async for request in until_closing(requests, engine.closing):
-                field = f"request {request.id!r}"
-                model = engine.model(request.model.name, request.model.version, "lm",
-                                     f"{field}: model.name", f"{field}: model.version")
-                add_eos = request.add_eos if request.HasField("add_eos") else True
-                encoded = engine.prepare_scores(
-                    model, to_inputs(request.inputs, f"{field}: inputs"), add_eos,
-                    f"{field}: inputs")
-                response_limit(self.max_message_bytes, f"{field}: inputs",
-                               int(add_eos))(encoded)
-                count = len(encoded)
-                # the version is held from its lookup, through the waits, to the end of
-                # the work, so that a rollout meanwhile does not unload it under us
-                cost = request.ByteSize() + TOKEN_BYTES * sum(len(e.ids) for e in encoded)
-                model.acquire()
-                try:
-                    await window.acquire(count, cost)
-                    admission = await engine.admit_when_room(model, count)
-                    work = asyncio.ensure_future(engine.score_prepared(model, encoded,
-                                                                       add_eos))
-                except BaseException:
-                    model.release()
-                    raise
-                work.add_done_callback(model.release)
-                work.add_done_callback(admission.release)
-                ordered.put_nowait((request.id, count, cost, work))
+                arrived = time.perf_counter()
+                with request_scope() as scope:
+                    try:
+                        item = (*await take(request, scope), arrived)
+                    except EngineError as error:  # ends the stream with its status
+                        record(self.metrics, SERVICE, "ScoreStream", code_of(error).name,
+                               scope.model, arrived)
+                        raise
+                ordered.put_nowait(item)
             ordered.put_nowait(None)
+
+        async def take(request, scope) -> tuple:
+            field = f"request {request.id!r}"
+            model = engine.model(request.model.name, request.model.version, "lm",
+                                 f"{field}: model.name", f"{field}: model.version")
+            add_eos = request.add_eos if request.HasField("add_eos") else True
+            encoded = engine.prepare_scores(
+                model, to_inputs(request.inputs, f"{field}: inputs"), add_eos,
+                f"{field}: inputs")
+            response_limit(self.max_message_bytes, f"{field}: inputs",
+                           int(add_eos))(encoded)
+            count = len(encoded)
+            # the version is held from its lookup, through the waits, to the end of
+            # the work, so that a rollout meanwhile does not unload it under us
+            cost = request.ByteSize() + TOKEN_BYTES * sum(len(e.ids) for e in encoded)
+            model.acquire()
+            try:
+                await window.acquire(count, cost)
+                admission = await engine.admit_when_room(model, count)
+                work = asyncio.ensure_future(engine.score_prepared(model, encoded,
+                                                                   add_eos))
+            except BaseException:
+                model.release()
+                raise
+            work.add_done_callback(model.release)
+            work.add_done_callback(admission.release)
+            return request.id, count, cost, work, scope.model
 
         reader = asyncio.ensure_future(read())
         head: asyncio.Future | None = None
@@ -102,9 +117,15 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
                     reader.result()  # a bad message ends the stream with its status
                 if (item := await head) is None:
                     break
-                request_id, count, cost, work = item
-                scores = [sequence_score(s) for s in await work]
+                request_id, count, cost, work, model_name, arrived = item
+                try:
+                    scores = [sequence_score(s) for s in await work]
+                except EngineError as error:
+                    record(self.metrics, SERVICE, "ScoreStream", code_of(error).name,
+                           model_name, arrived)
+                    raise
                 await context.write(pb.ScoreStreamResponse(id=request_id, scores=scores))
+                record(self.metrics, SERVICE, "ScoreStream", "OK", model_name, arrived)
                 window.release(count, cost)
         finally:  # the call ended, perhaps cancelled by its client: no task left behind
             reader.cancel()
@@ -162,7 +183,7 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         self.engine.close_session(request.session_id)
         return pb.CloseSessionResponse()
 
-    @rpc(SERVICE)
+    @rpc(SERVICE, stream=True)
     async def Converse(self, requests, context) -> None:
         """A session for the stream's life: created by its first message (or resumed from
         that message's state token), ended with the stream if the stream brought it here
@@ -173,23 +194,26 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         last: pb.SessionResponse | None = None
         try:
             async for request in until_closing(requests, engine.closing):
-                check = self._session_limit("input", request.top_k)
-                if session_id is None and request.state_token:  # resume, then read the input
-                    step = await engine.append("", to_input(request.input, "input"),
-                                               request.top_k, request.state_token,
-                                               allow_empty=True, client=client, check=check)
-                elif session_id is None:
-                    model = engine.model(request.model.name, request.model.version)
-                    step = await engine.create_session(
-                        model, to_input(request.input, "input"), request.top_k, client,
-                        check)
-                else:
-                    step = await engine.append(session_id, to_input(request.input, "input"),
-                                               request.top_k, check=check)
-                if session_id is None:
-                    session_id, opened = step.session_id, step.opened and step.generation
-                last = session_response(step)
-                await context.write(last)
+                with message(self.metrics, SERVICE, "Converse"):
+                    check = self._session_limit("input", request.top_k)
+                    if session_id is None and request.state_token:  # resume, then read
+                        step = await engine.append("", to_input(request.input, "input"),
+                                                   request.top_k, request.state_token,
+                                                   allow_empty=True, client=client,
+                                                   check=check)
+                    elif session_id is None:
+                        model = engine.model(request.model.name, request.model.version)
+                        step = await engine.create_session(
+                            model, to_input(request.input, "input"), request.top_k, client,
+                            check)
+                    else:
+                        step = await engine.append(session_id,
+                                                   to_input(request.input, "input"),
+                                                   request.top_k, check=check)
+                    if session_id is None:
+                        session_id, opened = step.session_id, step.opened and step.generation
+                    last = session_response(step)
+                    await context.write(last)
         except Unavailable:
             # Cut by the shutdown: the client's last message is the state to resume from.
             if last is not None and last.state_token:

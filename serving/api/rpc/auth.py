@@ -56,14 +56,25 @@ def peer_of(context: grpc.aio.ServicerContext) -> str:
     return f"peer:{address or peer}"
 
 
+def presented_token(metadata) -> bytes:
+    """The bearer token of a call's metadata: b"" unless it has exactly one
+    `authorization` entry, `Bearer <token>` (the scheme in any case)."""
+    entries = [value for key, value in metadata or () if key == "authorization"]
+    if len(entries) != 1:
+        return b""
+    text = entries[0].decode() if isinstance(entries[0], bytes) else entries[0]
+    scheme, _, credential = text.partition(" ")
+    return credential.strip().encode() if scheme.lower() == "bearer" else b""
+
+
 def bearer_of(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling on a port that requires bearer tokens: its token (as a hash, never
-    the token itself), which the interceptor has already checked."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            text = value if isinstance(value, str) else value.decode(errors="replace")
-            return "token:" + hashlib.sha256(text.encode()).hexdigest()[:16]
-    return peer_of(context)
+    """Who is calling on a port that requires bearer tokens: the token the interceptor
+    accepted (as a hash, never the token itself), however its header was spelled, so that
+    one token is one client (on the HTTP port too: serving/api/http/app.py)."""
+    token = presented_token(context.invocation_metadata())
+    if not token:
+        return peer_of(context)
+    return "token:" + hashlib.sha256(token).hexdigest()[:16]
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -72,13 +83,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self.metrics = metrics
 
     def allowed(self, metadata) -> bool:
-        presented = b""
-        for key, value in metadata or ():
-            if key == "authorization":
-                text = value.decode() if isinstance(value, bytes) else value
-                scheme, _, credential = text.partition(" ")
-                if scheme.lower() == "bearer":
-                    presented = credential.strip().encode()
+        presented = presented_token(metadata)
         matched = False
         for token in self.tokens:  # every token compared: the time says nothing
             matched |= hmac.compare_digest(presented, token)
@@ -92,7 +97,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # an unknown method: let gRPC answer UNIMPLEMENTED
             return None
         self.metrics.requests.labels(service.rpartition(".")[2], method,
-                                     "UNAUTHENTICATED").inc()
+                                     "UNAUTHENTICATED", "").inc()
         return _denying(handler)
 
 

@@ -1,0 +1,544 @@
+"""POST /v1/completions: OpenAI's legacy Completions on Engine.complete and Engine.score.
+
+Each prompt is one Engine.complete of `n` samples, all prompts started at once (a prompt
+refused, say for a full queue, stops the others: the request is answered whole or not at
+all); choice `index` = prompt_index * n + sample_index. `echo` puts the prompt, as the
+model read it (its tokens joined), before the completion; with `logprobs` its tokens'
+log-probs come from Engine.score(add_eos=False): exactly recur.v1 Score's with
+add_eos = false, so the first token's is log P(token | <eos>), a number (OpenAI gives
+null there). A completion's text continues its prompt's: for a word-level model it
+starts with a space after a non-empty prompt, so prompt + text reads as the whole text.
+With `logprobs`, tokens are spelled as they are in the text (" cat"), so that they add up
+to it, as OpenAI's do; a sample that ended on <eos> or a stop token lists that token last
+(not in the text), so that a harness taking the last entry as the drawn token's is right.
+An answer that could exceed max_message_bytes is refused before it runs; streamed, so are
+echoes that could (they all go out before the first token).
+
+Streamed (`stream`), each token is a server-sent event with a choice of the same shape as
+the non-streamed ones, then one with its finish_reason, then `data: [DONE]`. A token is
+sent once no stop string can begin in its text any more (the engine cuts the text before
+a stop string), so the streamed pieces always add up to the non-streamed text. An error
+after the stream began (the server shutting down, say) is sent as a last event
+`data: {"error": {...}}`, without [DONE].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from fastapi.responses import Response, StreamingResponse
+
+from serving.api.http.errors import HttpError, from_engine
+from serving.api.openai.errors import openai_error
+from serving.api.openai.schema import (
+    CompletionRequest,
+    check_completion,
+    parse,
+    prompts_of,
+    stops_of,
+)
+from serving.engine.decoding import EOS, LENGTH, STOP, CompletionStream, FinishEvent, TokenEvent
+from serving.engine.engine import Engine
+from serving.engine.errors import EngineError, InvalidArgument, LimitExceeded
+from serving.engine.inputs import Encoded, Input
+from serving.engine.repository import LoadedModel
+from serving.engine.results import Scored
+
+log = logging.getLogger("recur.serve")
+FINISH_REASONS = {EOS: "stop", STOP: "stop", LENGTH: "length"}
+# Upper bounds of a non-streamed answer's size, in bytes, so that an answer over
+# max_message_bytes is refused before it runs: a log-prob or an offset in JSON, and what
+# a choice costs beyond its tokens.
+NUMBER_BYTES, CHOICE_BYTES = 26, 256
+# Answers larger than this are written to JSON on a worker thread, off the event loop.
+THREAD_JSON_BYTES = 256 << 10
+
+
+def spell(token_id: int, text: str, prefix: str, eos_id: int) -> str:
+    """A token as it would appear in the text at its position: after what goes before it
+    there (the lead or the joiner), so that the tokens add up to the text as OpenAI's
+    do; `<eos>`, which never joins a text, as it is."""
+    return text if token_id == eos_id else prefix + text
+
+
+@dataclass
+class Piece:
+    """Text of a choice, with its tokens' log-probs when asked for."""
+
+    text: str = ""
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float | None]] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+    def add_token(self, token: str, token_id: int, logprob: float,
+                  top: Sequence[tuple[int, str, float]], prefix: str, eos_id: int,
+                  offset: int) -> None:
+        """A token spelled `token` (as spell() does), and its alternatives spelled the
+        same way at its position (the drawn one always as `token`, so that a harness that
+        compares the likeliest key with the token sees them equal)."""
+        self.tokens.append(token)
+        self.token_logprobs.append(json_number(logprob))
+        alternatives = {token if i == token_id else spell(i, text, prefix, eos_id):
+                        json_number(lp) for i, text, lp in top}
+        alternatives.setdefault(token, json_number(logprob))
+        self.top_logprobs.append(alternatives)
+        self.text_offset.append(offset)
+
+    def extend(self, other: Piece) -> None:
+        self.text += other.text
+        self.tokens += other.tokens
+        self.token_logprobs += other.token_logprobs
+        self.top_logprobs += other.top_logprobs
+        self.text_offset += other.text_offset
+
+    def logprobs(self) -> dict:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+                "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+
+
+class Choice:
+    """One choice's text and log-probs, released as they become final: a token is held
+    while a stop string could still begin in its text, so that nothing sent is taken
+    back when the engine cuts the text before a stop string."""
+
+    def __init__(self, index: int, joiner: str, lead: str, hold: int, start: int,
+                 eos_id: int):
+        self.index, self.joiner, self.lead, self.hold = index, joiner, lead, hold
+        self.eos_id = eos_id
+        self.start = start  # where the completion begins in the choice's text (after echo)
+        self.length = 0  # of the engine's text so far (its tokens joined)
+        self.count = 0  # tokens so far
+        self.held: list[tuple[TokenEvent, int, int]] = []  # (token, begin, end) in the text
+        self.released = 0  # characters of the completion's own text sent (lead included)
+        self.finish_reason: str | None = None
+        self.echo: Piece | None = None  # the prompt, first, with echo
+
+    def add(self, event: TokenEvent) -> Piece | None:
+        begin = self.length + (len(self.joiner) if self.count else 0)
+        self.count += 1
+        self.length = begin + len(event.text)
+        self.held.append((event, begin, self.length))
+        safe = self.length - self.hold  # no stop string can begin before this
+        return self._release(safe) if self.held[0][2] <= safe else None
+
+    def finish(self, event: FinishEvent) -> Piece:
+        """The tokens the final text still holds, and the rest of that text (a stop string
+        may cut it inside a token); then the token that ended the sample (`<eos>` or a
+        stop token), which adds nothing to the text but is listed with its log-prob, as
+        vLLM lists it (a harness reading the last token's log-prob as the drawn one's
+        would otherwise take the prompt's last)."""
+        piece = self._release(len(event.text))
+        whole = self.lead + event.text if event.text else ""
+        piece.text += whole[self.released:]
+        self.released = len(whole)
+        self.finish_reason = FINISH_REASONS[event.reason]
+        if (last := event.last) is not None:
+            prefix = self.joiner if self.count else self.lead
+            piece.add_token(spell(last.id, last.text, prefix, self.eos_id), last.id,
+                            last.logprob, last.top, prefix, self.eos_id,
+                            self.start + self.released)
+        return piece
+
+    def _release(self, upto: int) -> Piece:
+        piece = Piece()
+        while self.held and self.held[0][2] <= upto:
+            event, begin, _ = self.held.pop(0)
+            prefix = self.lead if begin == 0 else self.joiner
+            text = prefix + event.text  # a drawn token is in the text, even an <eos> id
+            piece.text += text
+            piece.add_token(text, event.id, event.logprob, event.top, prefix, self.eos_id,
+                            self.start + self.released)
+            self.released += len(text)
+        return piece
+
+
+def echo_piece(words: Sequence[str], joiner: str, scored: Scored | None,
+               eos_id: int) -> Piece:
+    """The prompt as the model read it; with `scored`, its tokens' log-probs (each token
+    spelled as it is in the text, after the joiner)."""
+    piece = Piece(joiner.join(words))
+    if scored is None:
+        return piece
+    offset = 0
+    for i, word in enumerate(words):
+        prefix = joiner if i else ""
+        piece.add_token(prefix + word, scored.ids[i], scored.logprobs[i],
+                        scored.top[i] if scored.top else (), prefix, eos_id, offset)
+        offset += len(prefix) + len(word)
+    return piece
+
+
+def json_number(logprob: float) -> float | None:
+    """JSON has no -inf: an impossible token's log-prob is null."""
+    return logprob if math.isfinite(logprob) else None
+
+
+@dataclass
+class Plan:
+    """A checked completion request, before anything runs."""
+
+    model: LoadedModel
+    prompts: list[Input]
+    encoded: list[Encoded]
+    n: int
+    max_tokens: int
+    logprobs: int | None
+    echo: bool
+    stream: bool
+    include_usage: bool
+    options: dict  # Engine.complete's keyword arguments
+    stops: list[str]
+    answer_bytes: int = 0  # at most, not streamed
+    echo_bytes: int = 0  # at most, of the echoes of every choice
+
+    @property
+    def joiner(self) -> str:
+        return self.model.vocab.normalization.detokenize(["", ""])
+
+    def lead(self, index: int) -> str:
+        """What goes between the prompt (or its echo) and the completion's first token."""
+        prompt, encoded = self.prompts[index], self.encoded[index]
+        if not len(encoded.ids) or (prompt.text and prompt.text[-1].isspace()
+                                    and not self.echo):
+            return ""
+        return self.joiner
+
+
+class Completions:
+    def __init__(self, engine: Engine, max_message_bytes: int):
+        self.engine, self.max_message_bytes = engine, max_message_bytes
+        self._longest: dict[str, int] = {}  # the longest token of each model version
+
+    async def create(self, body: bytes) -> Response:
+        plan = self.plan(parse(CompletionRequest, body))
+        started = await _all_or_none(self._start(plan))
+        streams, scores = started[:-1], started[-1]
+        created, completion_id = int(time.time()), f"cmpl-{secrets.token_hex(12)}"
+        head = {"id": completion_id, "object": "text_completion", "created": created,
+                "model": plan.model.name, "system_fingerprint": plan.model.label}
+        try:
+            choices = await _off_loop(plan.echo_bytes > THREAD_JSON_BYTES, self._choices,
+                                      plan, scores)
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        if plan.stream:
+            return StreamingResponse(_events(plan, head, choices, streams),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})  # nginx: no buffer
+        pieces, generated = await _collect(plan, choices, streams)
+        answer = {**head, "choices": [
+            {"index": c.index, "text": p.text, "finish_reason": c.finish_reason,
+             "logprobs": p.logprobs() if plan.logprobs is not None else None}
+            for c, p in zip(choices, pieces, strict=True)], "usage": _usage(plan, generated)}
+        if plan.answer_bytes > THREAD_JSON_BYTES:
+            return Response(await asyncio.to_thread(_json, answer),
+                            media_type="application/json")
+        return Response(_json(answer), media_type="application/json")
+
+    def plan(self, request: CompletionRequest) -> Plan:
+        check_completion(request)
+        engine = self.engine
+        model = engine.model(request.model, 0, "lm", name_field="model", version_field="model")
+        prompts = prompts_of(request.prompt)
+        encoded = engine.prepare_scores(model, prompts, add_eos=True, field="prompt")
+        max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        echo = bool(request.echo)
+        if max_tokens < 0 or (max_tokens == 0 and not echo):
+            raise HttpError(400, f"max_tokens: must be >= 1 (0 only with echo, to score the "
+                            f"prompt), got {max_tokens}", "max_tokens")
+        stops = stops_of(request.stop)
+        stream = bool(request.stream)
+        _check_sizes(engine.config, max_tokens, request.n or 1, request.logprobs)
+        options = dict(
+            max_tokens=max_tokens, temperature=_float32(request.temperature, 1.0),
+            top_k=request.top_k or 0, top_p=_float32(request.top_p, 1.0),
+            n=request.n or 1, seed=request.seed, stop=stops,
+            stop_token_ids=request.stop_token_ids or (),
+            top_logprobs=request.logprobs or 0, top_field="logprobs")
+        plan = Plan(model, prompts, encoded, request.n or 1, max_tokens, request.logprobs,
+                    echo, stream, bool(request.stream_options
+                                       and request.stream_options.include_usage),
+                    options, stops)
+        self._bound(plan)
+        return plan
+
+    def _bound(self, plan: Plan) -> None:
+        """Refuses an answer that could exceed max_message_bytes; streamed, the echoes,
+        which are all sent at once, before any token (the tokens come as they are drawn,
+        each its own small event, as fast as the client reads)."""
+        limit = self.max_message_bytes
+        plan.answer_bytes, plan.echo_bytes = self._answer_bytes(plan)
+        echo_field = "logprobs" if plan.logprobs is not None else "echo"
+        if plan.echo_bytes > limit:  # streamed or not
+            raise LimitExceeded("max_message_bytes", plan.echo_bytes, limit, echo_field,
+                                "an echo of up to ", " bytes (each prompt once per sample, "
+                                "with its log-probs; ask for fewer log-probs or samples, or "
+                                "shorter prompts)")
+        if not plan.stream and plan.answer_bytes > limit:
+            raise LimitExceeded("max_message_bytes", plan.answer_bytes, limit, "max_tokens",
+                                "an answer of up to ", " bytes (stream it, or ask for fewer "
+                                "tokens, samples or log-probs)")
+
+    def _start(self, plan: Plan) -> list:
+        """The completions of every prompt (none for max_tokens 0), and the echo's scores
+        (None without log-probs), as coroutines."""
+        engine, model = self.engine, plan.model
+        work: list = []
+        if plan.max_tokens:
+            work = [engine.complete(model, Input(ids=e.ids.tolist(), field=p.field),
+                                    **plan.options)
+                    for p, e in zip(plan.prompts, plan.encoded, strict=True)]
+        scored = [p for p, e in zip(plan.prompts, plan.encoded, strict=True) if len(e.ids)]
+        if plan.echo and plan.logprobs is not None and scored:
+            work.append(engine.score(model, scored, add_eos=False, field="prompt",
+                                     top_logprobs=plan.logprobs, top_field="logprobs"))
+        else:
+            work.append(_nothing())
+        return work
+
+    def _choices(self, plan: Plan, scores: list[Scored] | None) -> list[Choice]:
+        """Every choice, in index order, with its echo (if asked) already in."""
+        hold = max(map(len, plan.stops), default=1) - 1
+        scored = iter(scores or ())
+        choices = []
+        for index, encoded in enumerate(plan.encoded):
+            echo = None
+            if plan.echo:
+                score = next(scored) if scores is not None and len(encoded.ids) else None
+                echo = echo_piece(encoded.words, plan.joiner, score, plan.model.vocab.eos_id)
+            for sample in range(plan.n):
+                choice = Choice(index * plan.n + sample, plan.joiner, plan.lead(index), hold,
+                                len(echo.text) if echo else 0, plan.model.vocab.eos_id)
+                choice.echo = echo
+                choices.append(choice)
+        return choices
+
+    def _answer_bytes(self, plan: Plan) -> tuple[int, int]:
+        """Upper bounds of the non-streamed answer's size, and of its echoes'."""
+        longest = self._longest_token(plan.model)
+        per_top = longest + 6 + NUMBER_BYTES
+        logprobs = plan.logprobs is not None
+        extra = (NUMBER_BYTES * 2 + 4 + (plan.logprobs + 1) * per_top) if logprobs else 0
+        generated = plan.max_tokens * ((longest + len(plan.joiner)) * (2 if logprobs else 1)
+                                       + extra + 6)
+        total = echoes = 0
+        for encoded in plan.encoded:
+            echoed = 0
+            if plan.echo:
+                words = sum(map(len, encoded.words)) + len(encoded.words) * len(plan.joiner)
+                echoed = words * (2 if logprobs else 1) + len(encoded.words) * (extra + 6)
+            total += plan.n * (CHOICE_BYTES + generated + echoed)
+            echoes += plan.n * echoed
+        return total, echoes
+
+    def _longest_token(self, model: LoadedModel) -> int:
+        if (longest := self._longest.get(model.label)) is None:
+            longest = self._longest[model.label] = max(map(len, model.vocab.tokens))
+        return longest
+
+
+def _check_sizes(config, max_tokens: int, n: int, logprobs: int | None) -> None:
+    """The engine's own checks of what the answer's size is estimated from, first, so
+    that a request over them hears of the limit it is over."""
+    if max_tokens > config.max_completion_tokens:
+        raise LimitExceeded("max_completion_tokens", max_tokens, config.max_completion_tokens,
+                            "max_tokens")
+    if n > config.max_samples:
+        raise LimitExceeded("max_samples", n, config.max_samples, "n")
+    if logprobs is not None and logprobs < 0:
+        raise InvalidArgument("logprobs", f"must be >= 0, got {logprobs}")
+    if logprobs is not None and logprobs > config.max_top_logprobs:
+        raise LimitExceeded("max_top_logprobs", logprobs, config.max_top_logprobs, "logprobs")
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _off_loop(large: bool, work, *args):
+    """`work(*args)`, on a worker thread when `large`, so that the loop serves others."""
+    return await asyncio.to_thread(work, *args) if large else work(*args)
+
+
+def _float32(value: float | None, default: float) -> float:
+    """As recur.v1 carries it (a float32), so that the same request over either front
+    samples the same tokens."""
+    value = default if value is None else value
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
+async def _all_or_none(coroutines: list) -> list:
+    """Runs the coroutines at once; at the first failure the others are cancelled, the
+    completions they started stopped, and the failure raised."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    if not tasks:
+        return []
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+        if failed or not all(t.done() for t in tasks):  # a failure, or we were cancelled
+            for task in tasks:
+                task.cancel()
+                task.add_done_callback(_stop_if_started)
+    if failed:
+        raise failed[0].exception()
+    return [task.result() for task in tasks]
+
+
+def _stop_if_started(task: asyncio.Future) -> None:
+    """A started completion of a request that failed as a whole is stopped."""
+    if not task.cancelled() and task.exception() is None and isinstance(task.result(),
+                                                                        CompletionStream):
+        task.result().cancel()
+
+
+async def _collect(plan: Plan, choices: list[Choice], streams: list[CompletionStream]
+                   ) -> tuple[list[Piece], int]:
+    """The whole of every choice, and how many tokens were generated."""
+    pieces = []
+    for choice in choices:
+        pieces.append(Piece())
+        if choice.echo is not None:
+            pieces[-1].extend(choice.echo)
+    generated = 0
+
+    async def read(prompt: int, stream: CompletionStream) -> None:
+        nonlocal generated
+        async with stream:
+            async for event in stream:
+                index = prompt * plan.n + event.index
+                if isinstance(event, TokenEvent):
+                    generated += 1
+                    if (piece := choices[index].add(event)) is not None:
+                        pieces[index].extend(piece)
+                else:
+                    generated += event.last is not None
+                    pieces[index].extend(choices[index].finish(event))
+
+    try:
+        await _all_or_none([read(p, s) for p, s in enumerate(streams)])
+    finally:
+        for stream in streams:
+            stream.cancel()
+    if not streams:  # max_tokens 0: the echo alone
+        for choice in choices:
+            choice.finish_reason = "length"
+    return pieces, generated
+
+
+async def _events(plan: Plan, head: dict, choices: list[Choice],
+                  streams: list[CompletionStream]) -> AsyncIterator[bytes]:
+    """The server-sent events of a streamed completion."""
+    events = ChoiceEvents(head, plan.include_usage, plan.logprobs is not None)
+    generated = 0
+    try:
+        for first in range(0, len(choices), plan.n):  # a prompt's echo, once for its n
+            if (echo := choices[first].echo) is not None:
+                body = await _off_loop(plan.echo_bytes > THREAD_JSON_BYTES, events.body,
+                                       echo)
+                for choice in choices[first:first + plan.n]:
+                    yield events.event(choice.index, body)
+                del body
+        if not streams:
+            for choice in choices:
+                yield events.event(choice.index, events.body(Piece(), "length"))
+        async for prompt, token in _merged(streams):
+            choice = choices[prompt * plan.n + token.index]
+            if isinstance(token, TokenEvent):
+                generated += 1
+                if (piece := choice.add(token)) is not None:
+                    yield events.event(choice.index, events.body(piece))
+            else:
+                generated += token.last is not None
+                piece = choice.finish(token)
+                yield events.event(choice.index, events.body(piece, choice.finish_reason))
+        if plan.include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(plan, generated)})
+        yield b"data: [DONE]\n\n"
+    except EngineError as error:
+        yield _sse(openai_error(from_engine(error)))
+    except Exception as error:
+        error_id = secrets.token_hex(6)
+        log.error("a streamed completion failed (error id %s)", error_id, exc_info=error)
+        yield _sse(openai_error(HttpError(500, f"internal error (error id {error_id}; the "
+                                          "server's log has the details)",
+                                          code="internal_error")))
+    finally:
+        for stream in streams:
+            stream.cancel()
+
+
+class ChoiceEvents:
+    """The server-sent events of one choice each, written as JSON once per choice's body
+    (a prompt's echo, the same for its n choices, is written once)."""
+
+    def __init__(self, head: dict, include_usage: bool, logprobs: bool):
+        self.logprobs = logprobs
+        self.start = b"data: " + _json(head)[:-1] + b',"choices":[{"index":'
+        self.end = b"]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+
+    def body(self, piece: Piece, finish: str | None = None) -> bytes:
+        """A choice but its index, as JSON."""
+        return _json({"text": piece.text, "finish_reason": finish,
+                      "logprobs": piece.logprobs() if self.logprobs else None})
+
+    def event(self, index: int, body: bytes) -> bytes:
+        return b"".join((self.start, str(index).encode(), b",", body[1:], self.end))
+
+
+async def _merged(streams: list[CompletionStream]
+                  ) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
+    """The events of several streams as they come, each with its stream's index; each
+    stream is read only as fast as the events are taken (its own backpressure)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    pending = {asyncio.ensure_future(s.__anext__()): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=pending.get):
+                index = pending.pop(future)
+                try:
+                    item = future.result()
+                except StopAsyncIteration:
+                    continue
+                yield index, item
+                pending[asyncio.ensure_future(streams[index].__anext__())] = index
+    finally:
+        for future in pending:
+            if future.done():
+                if not future.cancelled():
+                    future.exception()  # taken: not logged as never retrieved
+            else:
+                future.cancel()
+
+
+def _usage(plan: Plan, generated: int) -> dict:
+    prompt_tokens = sum(len(e.ids) for e in plan.encoded)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+            "total_tokens": prompt_tokens + generated}
+
+
+def _json(content) -> bytes:
+    return json.dumps(content, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode()
+
+
+def _sse(content) -> bytes:
+    return b"data: " + _json(content) + b"\n\n"
