@@ -96,7 +96,8 @@ def test_every_overlay_and_component_is_there():
             "training": "Kustomization", "components/service-monitor": "Component",
             "components/istio-session-affinity": "Component",
             "components/models-volume": "Component", "components/portable-sessions": "Component",
-            "components/tls-auth": "Component"}.items() <= kustomizations().items()
+            "components/tls-auth": "Component",
+            "components/grafana-dashboard": "Component"}.items() <= kustomizations().items()
 
 
 def test_dockerfiles_pass_hadolint():
@@ -197,7 +198,7 @@ def test_serving_manifests_agree_with_the_server_config(built, tmp_path):
         assert mount["mountPath"] == str(Path(args.config).parent)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"grpc": config.port, "health": config.health_port,
-                         "metrics": config.metrics_port}
+                         "metrics": config.metrics_port, "http": config.http_port}
         assert config.host == "0.0.0.0"
         # probes: native gRPC on the plaintext health port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -309,3 +310,73 @@ def test_the_autoscaler_metric_is_on_a_running_server(built, model_repository):
     for name in custom:
         assert name in series, f"no prometheus-adapter rule serves {name}"
         assert re.search(rf"^{series[name]}\{{", page, re.M), f"{series[name]} not on /metrics"
+
+
+DASHBOARD = K8S / "components" / "grafana-dashboard" / "recur-dashboard.json"
+
+
+def dashboard_expressions(dashboard: dict) -> list[str]:
+    """The PromQL of every panel target and of every query variable."""
+    found = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    found += [v["query"]["query"] for v in dashboard["templating"]["list"]
+              if v["type"] == "query"]
+    return found
+
+
+def exported_metric_names() -> set[str]:
+    """The sample names a server's metrics page can carry (serving/engine/metrics.py)."""
+    from serving.engine.metrics import TRITON_FAMILIES, Metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
+                "gauge": ("",)}
+    names = {family.name + suffix for family in Metrics().registry.collect()
+             for suffix in suffixes[family.type]}
+    return names | {name for name, *_ in TRITON_FAMILIES}
+
+
+def test_the_grafana_dashboard_reads_only_metrics_the_server_exports(built):
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    (config_map,) = [d for d in of_kind(built["components/grafana-dashboard"], "ConfigMap")
+                     if d["metadata"]["name"] == "recur-grafana-dashboard"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's label
+    assert json.loads(config_map["data"]["recur-dashboard.json"]) == dashboard
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and "model" in variables
+    exported = exported_metric_names()
+    expressions = dashboard_expressions(dashboard)
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+            assert panel["targets"], panel["title"]
+    for expr in expressions:
+        names = re.findall(r"\b(?:recur|nv)_[a-z0-9_]+", expr)
+        assert names, expr
+        assert set(names) <= exported, f"not on the metrics page: {set(names) - exported}"
+    for family in ("recur_requests_total", "recur_request_duration_seconds_bucket",
+                   "recur_http_requests_total", "recur_http_request_duration_seconds_bucket",
+                   "recur_queue_depth", "recur_queue_wait_seconds_bucket",
+                   "recur_batch_size_bucket", "recur_tokens_total",
+                   "recur_active_sessions", "recur_session_evictions_total",
+                   "recur_time_to_first_token_seconds_bucket"):
+        assert any(family in expr for expr in expressions), f"no panel shows {family}"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="no promtool (Debian: apt-get install prometheus)")
+def test_the_grafana_dashboard_queries_parse_as_promql(tmp_path):
+    """promtool parses each expression as a recording rule would (Grafana's variables
+    filled in as Grafana fills them)."""
+    import json
+
+    expressions = dashboard_expressions(json.loads(DASHBOARD.read_text()))
+    rules = [{"record": f"recur:dashboard_{i}",
+              "expr": (e.replace("$__rate_interval", "1m").replace("$model", ".*")
+                       .replace("$instance", ".*"))}
+             for i, e in enumerate(expressions) if not e.startswith("label_values(")]
+    file = tmp_path / "rules.yml"
+    file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = subprocess.run([shutil.which("promtool"), "check", "rules", str(file)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
