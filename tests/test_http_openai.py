@@ -6,8 +6,10 @@ tokens, limits, the drain and the metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import gc
 import json
 import socket
 import ssl
@@ -22,6 +24,8 @@ from serving_helpers import RunningServer, running
 from test_security import _certificate, _write
 
 import serving.api.http.app
+import serving.engine.errors
+from serving.api.openai.completions import _all_or_none
 from serving.client import RecurClient, connect
 
 TOKEN, OTHER_TOKEN = "s3cret-token-0123456789", "another-token-abcdefghij"
@@ -164,6 +168,57 @@ def _streamed(client, **options) -> tuple[str, list[str], str]:
     return text, tokens, finish
 
 
+def test_a_prompt_cancelled_from_inside_fails_the_request_and_stops_the_others():
+    """A prompt's step cancelled as the scheduler closes: the request fails as a whole
+    (unavailable, not a CancelledError out of the handler), the other prompts stopped."""
+    others: list[asyncio.Task] = []
+
+    async def cancelled_from_inside() -> None:
+        inner = asyncio.get_running_loop().create_future()
+        inner.cancel()
+        await inner
+
+    async def endless() -> None:
+        others.append(asyncio.current_task())
+        await asyncio.sleep(3600)
+
+    async def request() -> None:
+        with pytest.raises(serving.engine.errors.Unavailable):
+            await asyncio.wait_for(_all_or_none([endless(), cancelled_from_inside()]), 5)
+        await asyncio.sleep(0)
+        assert others and others[0].cancelled()
+
+    asyncio.run(request())
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_a_client_that_leaves_a_stream_frees_its_completions_at_once(server, reads):
+    """A client leaves a stream, after it stopped reading (the server's writes block) or
+    before its answer began: its completions are stopped then, not whenever the garbage
+    collector finalizes the stream."""
+    model = server.server.engine.model("demo-lm")
+    prompt = "the cat " * (1 if reads else 2000)  # long: the client is gone before the answer
+    body = json.dumps({"model": "demo-lm", "prompt": [prompt, "a dog"], "n": 16,
+                       "max_tokens": 1024, "logprobs": 5, "stream": True}).encode()
+    head = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    gc.disable()  # what a cycle holds stays held: the test sees what the server frees
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+            sock.connect(("127.0.0.1", server.ports.http))
+            sock.sendall(head + body)
+            if reads:
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+                assert eventually(lambda: model.scheduler.stats.pending > 0, True)
+                time.sleep(1.0)  # the server's buffers fill; its writes wait for the client
+        time.sleep(0.5)
+        assert eventually(lambda: (model.scheduler.stats.pending, model.scheduler.admitted),
+                          (0, 0)) == (0, 0)
+    finally:
+        gc.enable()
+
+
 def test_a_stop_string_that_begins_inside_a_sent_token_takes_nothing_back(client):
     """The engine cuts the text where a stop string begins, perhaps inside a token: the
     stream holds a token back while a stop string could still begin in it."""
@@ -300,6 +355,10 @@ def test_a_body_is_read_as_json_whatever_its_content_type(http):
     ({"stream": "yes"}, "stream"),
     ({"echo": 1}, "echo"),
     ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 0, "echo": True, "temperature": -5}, "temperature"),  # echo alone: the
+    ({"max_tokens": 0, "echo": True, "top_p": 2}, "top_p"),  # settings are checked anyway
+    ({"max_tokens": 0, "echo": True, "stop": [""]}, "stop[0]"),
+    ({"max_tokens": 0, "echo": True, "stop_token_ids": [10**9]}, "stop_token_ids[0]"),
     ({"max_tokens": 100_000}, "max_tokens"),
     ({"logprobs": 1000}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
@@ -555,6 +614,10 @@ def test_a_body_dripped_slowly_is_a_408_at_its_deadline(limited, monkeypatch):
             with contextlib.suppress(TimeoutError):
                 answer += sock.recv(65536)
         took = time.monotonic() - started
+        sock.settimeout(2)
+        with contextlib.suppress(OSError):  # the body may follow the head: read to the close
+            while chunk := sock.recv(65536):
+                answer += chunk
     assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
     assert b"did not arrive within 0.5 s" in answer and 0.4 < took < 2, took
 

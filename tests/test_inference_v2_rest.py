@@ -350,6 +350,10 @@ def text_body(**changes) -> dict:
 @pytest.mark.parametrize("path, body, status, message", [
     ("/v2/models/nope/infer", text_body(), 404, "model_name: no model named 'nope'"),
     ("/v2/models/demo-lm/versions/7/infer", text_body(), 404, "model 'demo-lm' has no version 7"),
+    # the model is looked up first, as over gRPC: NOT_FOUND whatever else is wrong
+    ("/v2/models/nope/infer", "{not json", 404, "model_name: no model named 'nope'"),
+    ("/v2/models/demo-lm/versions/7/infer", {"inputs": {}}, 404,
+     "model 'demo-lm' has no version 7"),
     ("/v2/models/demo-lm/versions/x/infer", text_body(), 400, "model_version: must be a version"),
     ("/v2/models/demo-lm/infer", "{not json", 400, "request body: not JSON"),
     ("/v2/models/demo-lm/infer", "[1]", 400, "request body: must be a JSON object"),
@@ -535,6 +539,28 @@ def test_a_large_json_answer_is_written_off_the_event_loop():
     (output,) = json.loads(answer.body)["outputs"]
     assert np.array_equal(np.array(output["data"], np.float32), logprobs.reshape(-1))
     assert worst < elapsed / 4, (worst, elapsed)
+
+
+def test_non_finite_values_are_written_as_null_in_valid_json():
+    """JSON has no -Infinity or NaN (json.dumps writes them unless told not to): the -inf
+    log-prob of an impossible token is null, in whichever chunk it falls."""
+    values = np.arange(rest.CHUNK_VALUES + 3, dtype=np.float32) / 8
+    values[[1, rest.CHUNK_VALUES + 1]] = -np.inf
+    values[2] = np.nan
+    written = rest._values_json(OutputTensor("TOKEN_LOGPROBS", "FP32", values))
+    parsed = json.loads(f"[{written}]", parse_constant=lambda name: pytest.fail(name))
+    nulls = [i for i, v in enumerate(parsed) if v is None]
+    assert nulls == [1, 2, rest.CHUNK_VALUES + 1]
+    finite = np.isfinite(values)
+    assert np.array_equal(np.array(parsed, dtype=object)[finite].astype(np.float32),
+                          values[finite])
+
+    result = InferResult("demo-lm", "1", "", {}, [
+        OutputTensor("TOTAL_LOGPROB", "FP32", np.array([[-np.inf], [-1.5]], np.float32)),
+        OutputTensor("TOKEN_COUNT", "INT64", np.array([[3], [2]], np.int64))])
+    answer = json.loads(rest._infer_response(result, lambda index: False).body,
+                        parse_constant=lambda name: pytest.fail(name))
+    assert [o["data"] for o in answer["outputs"]] == [[None, -1.5], [3, 2]]
 
 
 def test_a_full_queue_is_429_with_retry_after(server):

@@ -129,6 +129,7 @@ def test_every_request_and_stream_message_counts_once_with_its_model(server):
     assert after.success.count - before.success.count == 12
     assert after.inference_count - before.inference_count == 3 * 2 + 4 + 5
     assert after.fail.count - before.fail.count == 1
+    assert after.failures["OTHER"] - before.failures["OTHER"] == 1
     assert after.execution_count == server.metric("nv_inference_exec_count", **MODEL)
     assert sum(b.compute_infer.count for b in after.batch_stats) == after.execution_count
     # recur_requests: a stream's messages each, with the model; the stream itself apart

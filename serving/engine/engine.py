@@ -190,8 +190,8 @@ class Engine:
         size of its response). With `top_logprobs` N, each token also gets the N most
         likely tokens at its position (Scored.top)."""
         _bind(model, len(inputs))
-        self._check_top_logprobs(model, top_logprobs, top_field)
-        encoded = await self._off_loop_if_large(inputs, self.prepare_scores, model, inputs,
+        self._check_top_logprobs(top_logprobs, top_field)
+        encoded = await self.off_loop_if_large(inputs, self.prepare_scores, model, inputs,
                                                 add_eos, field)
         _bind(model, len(encoded))
         if check is not None:
@@ -220,20 +220,22 @@ class Engine:
         return Scored(ids.tolist(), words, logprobs, encoded.unknown, math.fsum(logprobs),
                       alternatives)
 
-    async def _off_loop_if_large(self, inputs: Sequence[Input | None], encoder, *args):
-        """`encoder(*args)`, on a worker thread when `inputs` are large (the thread gives
-        the loop back the GIL every few milliseconds; a request over the count limit is
-        refused at once, before its size is looked at)."""
+    async def off_loop_if_large(self, inputs: Sequence[Input | None], encoder, *args):
+        """`encoder(*args)` (a tokenization of `inputs`), on a worker thread when `inputs`
+        are large (the thread gives the loop back the GIL every few milliseconds; a
+        request over the count limit is refused at once, before its size is looked at).
+        For adapters that tokenize a request themselves (prepare_scores) too."""
         if len(inputs) <= self.config.max_sequences_per_request:
             units = 0
             for item in inputs:
                 if item is not None:
-                    units += len(item.text) if item.text is not None else len(item.ids or ())
+                    units += (len(item.text) if item.text is not None
+                              else len(item.ids) if item.ids is not None else 0)
                 if units > OFF_LOOP_UNITS:
                     return await asyncio.to_thread(encoder, *args)
         return encoder(*args)
 
-    def _check_top_logprobs(self, model: LoadedModel, top: int, field: str) -> None:
+    def _check_top_logprobs(self, top: int, field: str) -> None:
         if top < 0:
             raise InvalidArgument(field, f"must be >= 0, got {top}")
         if top > self.config.max_top_logprobs:
@@ -262,7 +264,7 @@ class Engine:
         if model.task != task:
             model = self.model(model.name, model.version, task)  # raises, naming the task
         config = self.config
-        encoded = await self._off_loop_if_large(
+        encoded = await self.off_loop_if_large(
             inputs, encode_all, inputs, model.vocab, field, config.max_sequences_per_request,
             config.max_tokens_per_sequence)
         if check is not None:
@@ -293,9 +295,10 @@ class Engine:
         if model.task != "lm":
             model = self.model(model.name, model.version, "lm")
         _bind(model, max(n, 1))
-        self._check_top_logprobs(model, top_logprobs, top_field)
-        params = self._completion_params(model, max_tokens, temperature, top_k, top_p, n,
-                                         seed, stop, stop_token_ids, top_logprobs)
+        params = self.check_completion(model, max_tokens=max_tokens, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, n=n, seed=seed, stop=stop,
+                                       stop_token_ids=stop_token_ids,
+                                       top_logprobs=top_logprobs, top_field=top_field)
         ids = encode(prompt, model.vocab, self.config.max_tokens_per_sequence,
                      allow_empty=True, optional=True).ids
         # admitted whole: all its samples, held until the decoding loop ends, except while
@@ -337,11 +340,15 @@ class Engine:
             stream.add_done_callback(lambda: timing.finish(stream.failure()))
         return stream
 
-    def _completion_params(self, model: LoadedModel, max_tokens: int, temperature: float,
-                           top_k: int, top_p: float, n: int, seed: int | None,
-                           stop: Sequence[str], stop_token_ids: Sequence[int],
-                           top_logprobs: int = 0) -> CompletionParams:
+    def check_completion(self, model: LoadedModel, *, max_tokens: int = 0,
+                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                         n: int = 0, seed: int | None = None, stop: Sequence[str] = (),
+                         stop_token_ids: Sequence[int] = (), top_logprobs: int = 0,
+                         top_field: str = "top_logprobs") -> CompletionParams:
+        """A completion's settings, checked as `complete` checks them (raising what it
+        would), for an adapter that answers without a completion (an echo alone)."""
         config, vocab = self.config, model.vocab
+        self._check_top_logprobs(top_logprobs, top_field)
         if not math.isfinite(temperature) or temperature < 0:
             raise InvalidArgument("temperature", f"must be >= 0 (0 is greedy), got "
                                   f"{temperature}")
@@ -660,14 +667,15 @@ class Engine:
         """(Re)reads model `name` from the repository (model_control only): the versions
         served are replaced by fresh ones, the old ones retire as for a removed version."""
         self._check_model_control()
-        note_model(name)
-        return await self.repository.load_model(name, field)
+        loaded = await self.repository.load_model(name, field)
+        note_model(name)  # once it is known: a typo makes no metric series
+        return loaded
 
     async def unload_model(self, name: str, field: str = "model_name") -> None:
         """Retires every version of `name` (model_control only), until a load."""
         self._check_model_control()
-        note_model(name)
         await self.repository.unload_model(name, field)
+        note_model(name)
 
     def _check_model_control(self) -> None:
         if not self.config.model_control:

@@ -108,9 +108,10 @@ class Metrics:
         self.model_stats: dict[str, ModelStats] = {}  # by label, while the version is loaded
 
     def stats_for(self, label: str) -> ModelStats:
-        """The ModelStats of a version (created with its scheduler, published while it is
-        loaded)."""
-        return self.model_stats.setdefault(label, ModelStats())
+        """New ModelStats for a version's new scheduler, published under its label while
+        it is loaded (a version loaded again starts from zero, as Triton's do)."""
+        stats = self.model_stats[label] = ModelStats()
+        return stats
 
     def triton_text(self) -> str:
         """Triton's families in the Prometheus text format."""

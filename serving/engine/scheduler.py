@@ -122,7 +122,6 @@ class Scheduler:
         self._rejected = metrics.rejected.labels(label)
         self._executed = metrics.executed_tokens.labels(label)
         self.stats = metrics.stats_for(label)
-        self._times = (0.0, 0.0, 0.0)  # of the last call: inputs, ONNX Runtime, outputs
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.label)
@@ -212,9 +211,9 @@ class Scheduler:
                 self._wait.observe(started - step.enqueued)
             try:
                 if self._inline(batch):
-                    results = self._execute(batch)
+                    results, times = self._execute(batch)
                 else:
-                    results = await asyncio.get_running_loop().run_in_executor(
+                    results, times = await asyncio.get_running_loop().run_in_executor(
                         self._worker, self._execute, batch)
             except Exception as error:  # one bad call fails its requests, not the server
                 failure = ExecutionFailed(f"model {self.label}: ONNX Runtime failed: {error}")
@@ -224,7 +223,7 @@ class Scheduler:
                 continue
             self._execution.observe(time.perf_counter() - started)
             self._batch_size.observe(len(batch))
-            self._account(batch, started)
+            self._account(batch, started, times)
             for step, result in zip(batch, results):
                 if not step.future.done():
                     step.future.set_result(result)
@@ -232,10 +231,11 @@ class Scheduler:
             # its next step, so it joins that batch.
             await asyncio.sleep(0)
 
-    def _account(self, batch: list[Step], started: float) -> None:
+    def _account(self, batch: list[Step], started: float,
+                 times: tuple[float, float, float]) -> None:
         """The call's times, once for the model and once for each request in the batch
         (however many of its steps the batch ran), and each request's longest wait."""
-        input_s, infer_s, output_s = self._times
+        input_s, infer_s, output_s = times
         self.stats.record_batch(len(batch), input_s, infer_s, output_s)
         waits: dict[int, tuple[RequestTiming, float]] = {}
         for step in batch:
@@ -281,18 +281,18 @@ class Scheduler:
             width = new_width
         return batch
 
-    def _execute(self, batch: Sequence[Step]) -> list[StepResult]:
+    def _execute(self, batch: Sequence[Step]) -> tuple[list[StepResult], tuple]:
         started = time.perf_counter()
-        results = self._run(batch)
+        results, times = self._run(batch)
         if len(batch) == 1 and len(batch[0].tokens) == 1:  # all of it: the call, the draw
             seconds, previous = time.perf_counter() - started, self.lone_step_s
             self.lone_step_s = (seconds if previous is None
                                 else previous + _SMOOTHING * (seconds - previous))
-        return results
+        return results, times
 
-    def _run(self, batch: Sequence[Step]) -> list[StepResult]:
-        """Pads the steps into one [B, T] call; times its three parts (Triton's compute
-        input, infer and output) into `_times`."""
+    def _run(self, batch: Sequence[Step]) -> tuple[list[StepResult], tuple]:
+        """Pads the steps into one [B, T] call; returns the results and the times of its
+        three parts (Triton's compute input, infer and output)."""
         began = time.perf_counter()
         sizes = [len(step.tokens) for step in batch]
         width = max(sizes)
@@ -324,8 +324,7 @@ class Scheduler:
                     results[row].token_logprob = float(logprobs[i, token])
                     if batch[row].top:
                         results[row].top = most_likely(logprobs[i], batch[row].top)
-            self._times = (prepared - began, ran - prepared, time.perf_counter() - ran)
-            return results
+            return results, (prepared - began, ran - prepared, time.perf_counter() - ran)
         prepared = time.perf_counter()
         outputs, new_state = self.runtime.run_encoder(tokens, lengths, state)
         ran = time.perf_counter()
@@ -334,6 +333,5 @@ class Scheduler:
         results = [StepResult(outputs[row, :n] if per_token else outputs[row], None,
                               None if new_state is None else new_state[:, row].copy())
                    for row, n in enumerate(lengths)]
-        self._times = (prepared - began, ran - prepared, time.perf_counter() - ran)
-        return results
+        return results, (prepared - began, ran - prepared, time.perf_counter() - ran)
 

@@ -11,9 +11,14 @@ Two things live here:
   families, which carry Triton's names, labels and units so that dashboards built for
   Triton read them unmodified.
 
-An inference request is one engine call (a Score, a completion, a session step, a
-V2 request, an HTTP request); a batched call that runs steps of several requests counts
-its compute time once for each of them, as Triton does.
+An inference request is one engine operation: a Score, a completion (until its stream
+ends), a session step, a tagging or a classification. A front's request is as many as
+the operations it makes (one for a V2 request or a recur.v1 call; one per prompt for an
+OpenAI completion of several prompts, and one more for its echo). A request refused by
+the engine once it has found its model (a bad parameter, a full queue) counts as a
+failure of that model; one an adapter refuses before calling the engine (an undecodable
+tensor) counts nowhere. A batched call that runs steps of several requests counts its
+compute time once for each of them, as Triton does.
 """
 
 from __future__ import annotations
@@ -182,13 +187,11 @@ class ModelStats:
 
 
 @contextlib.contextmanager
-def counting(stats: ModelStats | None = None, count: int = 1) -> Iterator[RequestTiming]:
+def counting() -> Iterator[RequestTiming]:
     """One request, from here to the end of the block (or, once `detached`, to its
-    `finish`): the steps it submits meanwhile are timed into it. `stats`, or a later
-    `bind`, names the model version it counts toward."""
-    timing = RequestTiming(time.perf_counter(), count)
-    if stats is not None:
-        timing.bind(stats)
+    `finish`): the steps it submits meanwhile are timed into it. A later `bind` names the
+    model version it counts toward; a request that never finds its model counts nowhere."""
+    timing = RequestTiming(time.perf_counter())
     token = current_timing.set(timing)
     try:
         yield timing

@@ -21,7 +21,6 @@ Errors take the format of the router they concern (errors.py); anything unexpect
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import secrets
@@ -34,6 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving.api.clients import address_client, bearer_credential, token_client
 from serving.api.http.errors import (
     PLAIN,
     ErrorFormat,
@@ -90,20 +90,8 @@ def client_of(request: Request) -> str:
     accepted (however the header spelled it), else its address without the port."""
     token = request.scope.get(TOKEN_KEY)
     if token:
-        return client_for_token(token)
-    host = request.client.host if request.client else ""
-    return f"peer:[{host}]" if ":" in host else f"peer:{host}"
-
-
-def client_for_token(token: bytes) -> str:
-    """A token's client name: its hash, never the token (the same as gRPC's bearer_of)."""
-    return "token:" + hashlib.sha256(token).hexdigest()[:16]
-
-
-def bearer_token(header: bytes) -> bytes:
-    """The credential of `Bearer <credential>` (the scheme in any case), b"" otherwise."""
-    scheme, _, credential = header.partition(b" ")
-    return credential.strip() if scheme.lower() == b"bearer" else b""
+        return token_client(token)
+    return address_client(request.client.host if request.client else "")
 
 
 class Front:
@@ -139,7 +127,7 @@ class Front:
             except HttpError as error:
                 if status is None:
                     await errors.response(error)(scope, receive, sending)
-            except Exception as error:  # the app's handler answered and logged it already
+            except Exception as error:  # logged already if the app's handler answered it
                 if not scope.get(LOGGED_KEY):
                     log.error("HTTP %s %s failed", scope["method"], route, exc_info=error)
                 if status is None:
@@ -181,7 +169,7 @@ class Front:
                             "('Authorization: Bearer <token>')", code="invalid_authorization")
         if not self.tokens or scope["path"] in OPEN_PATHS:
             return
-        presented = bearer_token(headers[0]) if headers else b""
+        presented = bearer_credential(headers[0]) if headers else b""
         matched = False
         for token in self.tokens:  # every token compared: the time says nothing
             matched |= hmac.compare_digest(presented, token)

@@ -218,8 +218,7 @@ class InferenceCore:
         number = _version(version, "version")
         if number and not name:
             raise InvalidArgument("version", "a version needs the model's name")
-        if name:
-            self.model(name, version, "name", "version")  # NotFound for an unknown one
+        # the engine's lookup answers NotFound for an unknown name or version
         return {"model_stats": [_statistics_json(s)
                                 for s in self.engine.statistics(name, number)]}
 

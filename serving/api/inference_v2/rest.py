@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request, Response
 
-from serving.api.http.app import client_of as caller_of
+from serving.api.http.app import client_of
 from serving.api.http.errors import PLAIN, HttpError, ShapedRouter
 from serving.api.inference_v2 import tensors
 from serving.api.inference_v2.core import (
@@ -60,9 +61,8 @@ THREAD_VALUES = (256 << 10) // 24
 CHUNK_VALUES = 4096
 
 
-def router(core: InferenceCore,
-           client_of: Callable[[Request], str] = caller_of) -> ShapedRouter:
-    """The V2 REST routes over `core`, for the HTTP port's app (create_app). `client_of`
+def router(core: InferenceCore) -> ShapedRouter:
+    """The V2 REST routes over `core`, for the HTTP port's app (create_app); client_of
     names the caller for per-client session quotas, as on the gRPC port."""
     limit = core.max_message_bytes  # of a decompressed body; the front bounds the body
     routes = ShapedRouter(errors=PLAIN, prefix="/v2")
@@ -118,11 +118,12 @@ def router(core: InferenceCore,
 
     async def infer(request: Request) -> Response:
         name, version = _model_of(request)
+        core.model(name, version)  # an unknown model is 404 whatever the body, as over gRPC
         body = await _body(request, limit)
         header, binary = _split(body, request.headers.get(HEADER_LENGTH))
         document = await _parse(header)
-        parsed, binary_output = _infer_request(name, version, document, binary)
-        return await _answer(await core.infer(parsed, client_of(request)), binary_output)
+        parsed, is_binary_output = _infer_request(name, version, document, binary)
+        return await _answer(await core.infer(parsed, client_of(request)), is_binary_output)
 
     add("", server_metadata, versioned=False)
     add("/health/live", live, versioned=False)
@@ -268,11 +269,11 @@ def _infer_request(name: str, version: str, document: Any, binary: bytes
         _refuse_unsupported(options, f"{field}.parameters")
         binary_outputs.append(_field(options, "binary_data", bool, binary_default,
                                      f"{field}.parameters."))
-    binary = (binary_outputs.__getitem__ if binary_outputs
-              else lambda index: binary_default)
+    is_binary_output = (binary_outputs.__getitem__ if binary_outputs
+                        else lambda index: binary_default)
     request = InferRequest(name, version, request_id, parameters, inputs, names,
-                           json_output=lambda index: not binary(index))
-    return request, binary
+                           json_output=lambda index: not is_binary_output(index))
+    return request, is_binary_output
 
 
 def _refuse_unsupported(options: dict, field: str) -> None:
@@ -358,14 +359,16 @@ def _flat(data: Any, shape: Sequence[int], field: str) -> list:
 
 # -- inference responses --------------------------------------------------------------------
 
-async def _answer(result: InferResult, binary: Callable[[int], bool]) -> Response:
+async def _answer(result: InferResult, is_binary_output: Callable[[int], bool]
+                  ) -> Response:
     """The answer, written in a worker thread when large: the event loop goes on."""
     if sum(t.array.size for t in result.outputs) > THREAD_VALUES:
-        return await asyncio.to_thread(_infer_response, result, binary)
-    return _infer_response(result, binary)
+        return await asyncio.to_thread(_infer_response, result, is_binary_output)
+    return _infer_response(result, is_binary_output)
 
 
-def _infer_response(result: InferResult, binary: Callable[[int], bool]) -> Response:
+def _infer_response(result: InferResult, is_binary_output: Callable[[int], bool]
+                    ) -> Response:
     """The answer: JSON, with its binary outputs' bytes after it. The JSON values are
     written in chunks (see CHUNK_VALUES)."""
     body: dict[str, Any] = {"model_name": result.model_name,
@@ -378,7 +381,7 @@ def _infer_response(result: InferResult, binary: Callable[[int], bool]) -> Respo
     for index, tensor in enumerate(result.outputs):
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
                                  "shape": list(tensor.array.shape)}
-        if binary(index):
+        if is_binary_output(index):
             raw = tensors.to_raw(tensor.array, tensor.datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
@@ -393,11 +396,20 @@ def _infer_response(result: InferResult, binary: Callable[[int], bool]) -> Respo
 
 
 def _values_json(tensor: OutputTensor) -> str:
-    """The tensor's values in row-major order, as the items of a JSON list."""
+    """The tensor's values in row-major order, as the items of a JSON list; a non-finite
+    float (the -inf log-prob of an impossible token) is null, as JSON has no infinity."""
     flat, parts = tensor.array.reshape(-1), []
     for start in range(0, flat.size, CHUNK_VALUES):
         chunk = flat[start : start + CHUNK_VALUES]
         values = ([v.decode(errors="replace") for v in chunk] if tensor.datatype == "BYTES"
                   else chunk.tolist())
-        parts.append(_dumps(values)[1:-1])
+        try:  # no check before: a numpy one (np.isfinite) here stalls the event loop
+            parts.append(_dumps_finite(values)[1:-1])
+        except ValueError:  # a non-finite float
+            parts.append(_dumps_finite([v if math.isfinite(v) else None
+                                        for v in values])[1:-1])
     return ",".join(parts)
+
+
+def _dumps_finite(values: list) -> str:
+    return json.dumps(values, separators=(",", ":"), allow_nan=False)

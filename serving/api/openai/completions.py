@@ -25,12 +25,14 @@ after the stream began (the server shutting down, say) is sent as a last event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +49,7 @@ from serving.api.openai.schema import (
 )
 from serving.engine.decoding import EOS, LENGTH, STOP, CompletionStream, FinishEvent, TokenEvent
 from serving.engine.engine import Engine
-from serving.engine.errors import EngineError, InvalidArgument, LimitExceeded
+from serving.engine.errors import EngineError, LimitExceeded, Unavailable
 from serving.engine.inputs import Encoded, Input
 from serving.engine.repository import LoadedModel
 from serving.engine.results import Scored
@@ -60,6 +62,21 @@ FINISH_REASONS = {EOS: "stop", STOP: "stop", LENGTH: "length"}
 NUMBER_BYTES, CHOICE_BYTES = 26, 256
 # Answers larger than this are written to JSON on a worker thread, off the event loop.
 THREAD_JSON_BYTES = 256 << 10
+# The longest token of each model version, in JSON bytes (computed once per version: a
+# version reloaded under the same label may have another vocabulary).
+_LONGEST: weakref.WeakKeyDictionary[LoadedModel, int] = weakref.WeakKeyDictionary()
+
+
+def json_text_bytes(text: str) -> int:
+    """The size of `text` as a JSON string in an answer: UTF-8, escaped, quoted."""
+    return len(json.dumps(text, ensure_ascii=False).encode())
+
+
+def longest_token_bytes(model: LoadedModel) -> int:
+    """The JSON size of the model's longest token, what an answer's size is bounded by."""
+    if (longest := _LONGEST.get(model)) is None:
+        longest = _LONGEST[model] = max(map(json_text_bytes, model.vocab.tokens))
+    return longest
 
 
 def spell(token_id: int, text: str, prefix: str, eos_id: int) -> str:
@@ -216,10 +233,9 @@ class Plan:
 class Completions:
     def __init__(self, engine: Engine, max_message_bytes: int):
         self.engine, self.max_message_bytes = engine, max_message_bytes
-        self._longest: dict[str, int] = {}  # the longest token of each model version
 
     async def create(self, body: bytes) -> Response:
-        plan = self.plan(parse(CompletionRequest, body))
+        plan = await self.plan(parse(CompletionRequest, body))
         started = await _all_or_none(self._start(plan))
         streams, scores = started[:-1], started[-1]
         created, completion_id = int(time.time()), f"cmpl-{secrets.token_hex(12)}"
@@ -233,10 +249,10 @@ class Completions:
                 stream.cancel()
             raise
         if plan.stream:
-            return StreamingResponse(_events(plan, head, choices, streams),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})  # nginx: no buffer
+            return StoppingStreamingResponse(
+                _events(plan, head, choices, streams), lambda: _stop_all(streams),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # nginx
         pieces, generated = await _collect(plan, choices, streams)
         answer = {**head, "choices": [
             {"index": c.index, "text": p.text, "finish_reason": c.finish_reason,
@@ -247,12 +263,14 @@ class Completions:
                             media_type="application/json")
         return Response(_json(answer), media_type="application/json")
 
-    def plan(self, request: CompletionRequest) -> Plan:
+    async def plan(self, request: CompletionRequest) -> Plan:
+        """The whole request checked, the completion's settings too (as Engine.complete
+        checks them, even for an echo alone, which runs no completion), and its prompts
+        read (off the event loop when they are large), before anything runs."""
         check_completion(request)
         engine = self.engine
         model = engine.model(request.model, 0, "lm", name_field="model", version_field="model")
         prompts = prompts_of(request.prompt)
-        encoded = engine.prepare_scores(model, prompts, add_eos=True, field="prompt")
         max_tokens = 16 if request.max_tokens is None else request.max_tokens
         echo = bool(request.echo)
         if max_tokens < 0 or (max_tokens == 0 and not echo):
@@ -260,19 +278,28 @@ class Completions:
                             f"prompt), got {max_tokens}", "max_tokens")
         stops = stops_of(request.stop)
         stream = bool(request.stream)
-        _check_sizes(engine.config, max_tokens, request.n or 1, request.logprobs)
         options = dict(
             max_tokens=max_tokens, temperature=_float32(request.temperature, 1.0),
             top_k=request.top_k or 0, top_p=_float32(request.top_p, 1.0),
             n=request.n or 1, seed=request.seed, stop=stops,
             stop_token_ids=request.stop_token_ids or (),
             top_logprobs=request.logprobs or 0, top_field="logprobs")
-        plan = Plan(model, prompts, encoded, request.n or 1, max_tokens, request.logprobs,
+        # first: the answer's size is estimated from max_tokens, n and logprobs
+        engine.check_completion(model, **options)
+        plan = Plan(model, prompts, [], request.n or 1, max_tokens, request.logprobs,
                     echo, stream, bool(request.stream_options
                                        and request.stream_options.include_usage),
                     options, stops)
-        self._bound(plan)
+        await engine.off_loop_if_large(prompts, self._read_prompts, plan)
         return plan
+
+    def _read_prompts(self, plan: Plan) -> None:
+        """Tokenizes the prompts (once: the completions and scores take their ids) and
+        bounds the answer. add_eos=True only allows empty prompts (a completion of
+        nothing begins a sentence); nothing is appended to the ids here."""
+        plan.encoded = self.engine.prepare_scores(plan.model, plan.prompts, add_eos=True,
+                                                  field="prompt")
+        self._bound(plan)
 
     def _bound(self, plan: Plan) -> None:
         """Refuses an answer that could exceed max_message_bytes; streamed, the echoes,
@@ -300,7 +327,8 @@ class Completions:
             work = [engine.complete(model, Input(ids=e.ids.tolist(), field=p.field),
                                     **plan.options)
                     for p, e in zip(plan.prompts, plan.encoded, strict=True)]
-        scored = [p for p, e in zip(plan.prompts, plan.encoded, strict=True) if len(e.ids)]
+        scored = [Input(ids=e.ids.tolist(), field=p.field)
+                  for p, e in zip(plan.prompts, plan.encoded, strict=True) if len(e.ids)]
         if plan.echo and plan.logprobs is not None and scored:
             work.append(engine.score(model, scored, add_eos=False, field="prompt",
                                      top_logprobs=plan.logprobs, top_field="logprobs"))
@@ -327,40 +355,49 @@ class Completions:
 
     def _answer_bytes(self, plan: Plan) -> tuple[int, int]:
         """Upper bounds of the non-streamed answer's size, and of its echoes'."""
-        longest = self._longest_token(plan.model)
-        per_top = longest + 6 + NUMBER_BYTES
+        longest = longest_token_bytes(plan.model)  # quoted, escaped
+        joiner = json_text_bytes(plan.joiner) - 2
+        per_top = longest + joiner + 4 + NUMBER_BYTES
         logprobs = plan.logprobs is not None
         extra = (NUMBER_BYTES * 2 + 4 + (plan.logprobs + 1) * per_top) if logprobs else 0
-        generated = plan.max_tokens * ((longest + len(plan.joiner)) * (2 if logprobs else 1)
+        generated = plan.max_tokens * ((longest + joiner) * (2 if logprobs else 1)
                                        + extra + 6)
         total = echoes = 0
         for encoded in plan.encoded:
             echoed = 0
             if plan.echo:
-                words = sum(map(len, encoded.words)) + len(encoded.words) * len(plan.joiner)
+                words = (sum(map(json_text_bytes, encoded.words))
+                         + len(encoded.words) * joiner)
                 echoed = words * (2 if logprobs else 1) + len(encoded.words) * (extra + 6)
             total += plan.n * (CHOICE_BYTES + generated + echoed)
             echoes += plan.n * echoed
         return total, echoes
 
-    def _longest_token(self, model: LoadedModel) -> int:
-        if (longest := self._longest.get(model.label)) is None:
-            longest = self._longest[model.label] = max(map(len, model.vocab.tokens))
-        return longest
 
 
-def _check_sizes(config, max_tokens: int, n: int, logprobs: int | None) -> None:
-    """The engine's own checks of what the answer's size is estimated from, first, so
-    that a request over them hears of the limit it is over."""
-    if max_tokens > config.max_completion_tokens:
-        raise LimitExceeded("max_completion_tokens", max_tokens, config.max_completion_tokens,
-                            "max_tokens")
-    if n > config.max_samples:
-        raise LimitExceeded("max_samples", n, config.max_samples, "n")
-    if logprobs is not None and logprobs < 0:
-        raise InvalidArgument("logprobs", f"must be >= 0, got {logprobs}")
-    if logprobs is not None and logprobs > config.max_top_logprobs:
-        raise LimitExceeded("max_top_logprobs", logprobs, config.max_top_logprobs, "logprobs")
+class StoppingStreamingResponse(StreamingResponse):
+    """A streamed answer that stops its completions however the response ends: Starlette
+    never closes the body's generator, so a client leaving while it waits at a `yield`
+    would leave them running (the model acquired, the request pending) until the garbage
+    collector finalized it."""
+
+    def __init__(self, content: AsyncIterator[bytes], stop: Callable[[], None], **options):
+        super().__init__(content, **options)
+        self.stop = stop
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stop()
+            body = self.body_iterator
+            with contextlib.suppress(Exception):  # its own finally ends in stop() too
+                await body.aclose()  # type: ignore[attr-defined]
+
+
+def _stop_all(streams: Sequence[CompletionStream]) -> None:
+    for stream in streams:
+        stream.cancel()
 
 
 async def _nothing() -> None:
@@ -382,19 +419,23 @@ def _float32(value: float | None, default: float) -> float:
 
 async def _all_or_none(coroutines: list) -> list:
     """Runs the coroutines at once; at the first failure the others are cancelled, the
-    completions they started stopped, and the failure raised."""
+    completions they started stopped, and the failure raised. A coroutine cancelled from
+    inside (its step cancelled as the scheduler closes) is a failure too."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
-    if not tasks:
-        return []
+    failed: list[asyncio.Future] = []
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        running = set(tasks)
+        while running and not failed:
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            failed = [t for t in tasks if t in done and (t.cancelled() or t.exception())]
     finally:
-        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
         if failed or not all(t.done() for t in tasks):  # a failure, or we were cancelled
             for task in tasks:
                 task.cancel()
                 task.add_done_callback(_stop_if_started)
     if failed:
+        if failed[0].cancelled():
+            raise Unavailable("the request was cancelled (the server is shutting down)")
         raise failed[0].exception()
     return [task.result() for task in tasks]
 
@@ -456,16 +497,17 @@ async def _events(plan: Plan, head: dict, choices: list[Choice],
         if not streams:
             for choice in choices:
                 yield events.event(choice.index, events.body(Piece(), "length"))
-        async for prompt, token in _merged(streams):
-            choice = choices[prompt * plan.n + token.index]
-            if isinstance(token, TokenEvent):
-                generated += 1
-                if (piece := choice.add(token)) is not None:
-                    yield events.event(choice.index, events.body(piece))
-            else:
-                generated += token.last is not None
-                piece = choice.finish(token)
-                yield events.event(choice.index, events.body(piece, choice.finish_reason))
+        async with contextlib.aclosing(_merged(streams)) as merged:
+            async for prompt, token in merged:
+                choice = choices[prompt * plan.n + token.index]
+                if isinstance(token, TokenEvent):
+                    generated += 1
+                    if (piece := choice.add(token)) is not None:
+                        yield events.event(choice.index, events.body(piece))
+                else:
+                    generated += token.last is not None
+                    piece = choice.finish(token)
+                    yield events.event(choice.index, events.body(piece, choice.finish_reason))
         if plan.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(plan, generated)})
         yield b"data: [DONE]\n\n"

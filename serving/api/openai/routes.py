@@ -21,7 +21,12 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.api.http.app import client_of
 from serving.api.http.errors import HttpError, ShapedRouter
-from serving.api.openai.completions import Completions, json_number
+from serving.api.openai.completions import (
+    Completions,
+    json_number,
+    json_text_bytes,
+    longest_token_bytes,
+)
 from serving.api.openai.errors import OPENAI_ERRORS
 from serving.api.openai.schema import (
     SessionAppendRequest,
@@ -31,15 +36,15 @@ from serving.api.openai.schema import (
     state_token_of,
 )
 from serving.engine.engine import Engine
-from serving.engine.errors import LimitExceeded, NotFound
+from serving.engine.errors import LimitExceeded, NotFound, shown
 from serving.engine.inputs import Encoded
 from serving.engine.repository import LoadedModel
 from serving.engine.results import SessionStep
 
 # A session answer's size, bounded before it runs as recur.v1 bounds it: JSON bytes per
-# token beyond its text (id, log-prob, a tag), per next token (its text counted as 64
-# characters), and for the rest.
-TOKEN_JSON_BYTES, NEXT_TOKEN_BYTES, SESSION_JSON_BYTES = 96, 160, 512
+# token beyond its text (id, log-prob, a tag), per next token beyond its text (the
+# longest token of the served vocabularies), and for the rest.
+TOKEN_JSON_BYTES, NEXT_TOKEN_BYTES, SESSION_JSON_BYTES = 96, 96, 512
 NO_CHAT = ("these models have no chat format (no roles, no chat template): use "
            "/v1/completions with a prompt")
 
@@ -61,7 +66,8 @@ def openai_router(engine: Engine, max_message_bytes: int) -> ShapedRouter:
     async def retrieve_model(model: str) -> dict:
         found = engine.model(model, 0, name_field="model", version_field="model")
         if found.task != "lm":
-            raise NotFound(f"model: {model!r} is not a language model", "MODEL_NOT_FOUND")
+            raise NotFound(f"model: {shown(model)} is not a language model",
+                           "MODEL_NOT_FOUND")
         return _model_json(found)
 
     @router.post("/completions")
@@ -76,7 +82,7 @@ def openai_router(engine: Engine, max_message_bytes: int) -> ShapedRouter:
     async def create_session(request: Request) -> JSONResponse:
         body = parse(SessionCreateRequest, await request.body())
         prefix, top_k = input_of(body.prefix, "prefix"), body.top_k or 0
-        check = _session_limit(max_message_bytes, "prefix", top_k)
+        check = _session_limit(engine, max_message_bytes, "prefix", top_k)
         token = state_token_of(body.state_token)
         if token:
             step = await engine.create_session_from(token, prefix, top_k, client_of(request),
@@ -95,7 +101,8 @@ def openai_router(engine: Engine, max_message_bytes: int) -> ShapedRouter:
         step = await engine.append(session_id, input_of(body.input, "input"), top_k,
                                    state_token_of(body.state_token),
                                    client=client_of(request),
-                                   check=_session_limit(max_message_bytes, "input", top_k))
+                                   check=_session_limit(engine, max_message_bytes, "input",
+                                                        top_k))
         return JSONResponse(_session_json(step))
 
     @router.delete("/sessions/{session_id}")
@@ -123,12 +130,16 @@ def _created(model: LoadedModel) -> int:
     return int(stamp.timestamp())
 
 
-def _session_limit(max_bytes: int, field: str, top_k: int):
-    """A Check refusing a session step whose answer could exceed `max_bytes`."""
+def _session_limit(engine: Engine, max_bytes: int, field: str, top_k: int):
+    """A Check refusing a session step whose answer could exceed `max_bytes` (its texts
+    counted as JSON bytes; a next token as the longest of any served vocabulary's, as
+    the session's model is not known before the step looks it up)."""
 
     def check(encoded: Sequence[Encoded]) -> None:
-        size = SESSION_JSON_BYTES + top_k * NEXT_TOKEN_BYTES + sum(
-            len(e.ids) * TOKEN_JSON_BYTES + sum(map(len, e.words)) for e in encoded)
+        longest = max(map(longest_token_bytes, engine.models()), default=0) if top_k else 0
+        size = SESSION_JSON_BYTES + top_k * (NEXT_TOKEN_BYTES + longest) + sum(
+            len(e.ids) * TOKEN_JSON_BYTES + sum(map(json_text_bytes, e.words))
+            for e in encoded)
         if size > max_bytes:
             raise LimitExceeded("max_message_bytes", size, max_bytes, field,
                                 "an answer of up to ", " bytes")

@@ -13,13 +13,13 @@ so a caller learns nothing about which tokens exist.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
 
+from serving.api.clients import address_client, bearer_credential, token_client
 from serving.engine.metrics import Metrics
 
 OPEN_SERVICES = (health.SERVICE_NAME,)
@@ -53,18 +53,14 @@ def peer_of(context: grpc.aio.ServicerContext) -> str:
     kind, _, address = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
         address = address.rpartition(":")[0]
-    return f"peer:{address or peer}"
+    return address_client(address or peer)
 
 
 def presented_token(metadata) -> bytes:
     """The bearer token of a call's metadata: b"" unless it has exactly one
     `authorization` entry, `Bearer <token>` (the scheme in any case)."""
     entries = [value for key, value in metadata or () if key == "authorization"]
-    if len(entries) != 1:
-        return b""
-    text = entries[0].decode() if isinstance(entries[0], bytes) else entries[0]
-    scheme, _, credential = text.partition(" ")
-    return credential.strip().encode() if scheme.lower() == "bearer" else b""
+    return bearer_credential(entries[0]) if len(entries) == 1 else b""
 
 
 def bearer_of(context: grpc.aio.ServicerContext) -> str:
@@ -72,9 +68,7 @@ def bearer_of(context: grpc.aio.ServicerContext) -> str:
     accepted (as a hash, never the token itself), however its header was spelled, so that
     one token is one client (on the HTTP port too: serving/api/http/app.py)."""
     token = presented_token(context.invocation_metadata())
-    if not token:
-        return peer_of(context)
-    return "token:" + hashlib.sha256(token).hexdigest()[:16]
+    return token_client(token) if token else peer_of(context)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
