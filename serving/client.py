@@ -353,6 +353,13 @@ class RecurClient:
         return _session(self.language_model.Append(request, timeout=self.timeout,
                                                    metadata=_routing(routing_key)))
 
+    def fork_session(self, session_id: str, *, top_k: int = 0,
+                     routing_key: str | None = None) -> SessionState:
+        """A new session where `session_id` is now; the source is not changed."""
+        request = pb.ForkSessionRequest(session_id=session_id, top_k=top_k)
+        return _session(self.language_model.ForkSession(request, timeout=self.timeout,
+                                                        metadata=_routing(routing_key)))
+
     def close_session(self, session_id: str, *, routing_key: str | None = None) -> None:
         self.language_model.CloseSession(pb.CloseSessionRequest(session_id=session_id),
                                          timeout=self.timeout, metadata=_routing(routing_key))

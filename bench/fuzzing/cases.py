@@ -389,6 +389,14 @@ def close_session(rng: random.Random, ctx: Context) -> Case:
     return Case("LanguageModel.CloseSession", label, request)
 
 
+def fork_session(rng: random.Random, ctx: Context) -> Case:
+    """A fork of a held session (left to expire: the fuzzer does not track forks)."""
+    message = pb.ForkSessionRequest(session_id=ctx.sessions[0] if ctx.sessions else "none",
+                                    top_k=rng.choice([0, 0, 3]))
+    request, label = mutated(rng, message, _session_id_mutators(ctx), p=0.4)
+    return Case("LanguageModel.ForkSession", label, request)
+
+
 def converse(rng: random.Random, ctx: Context) -> Case:
     first = pb.ConverseRequest(model=model_ref(rng, ctx, None, sessions=True),
                                input=pb_input(rng), top_k=rng.choice([0, 2]))
@@ -765,6 +773,7 @@ class Generators:
             "LanguageModel.CreateSession": create_session,
             "LanguageModel.Append": append,
             "LanguageModel.CloseSession": close_session,
+            "LanguageModel.ForkSession": fork_session,
             "LanguageModel.Converse": converse,
             "Tagger.Tag": tag,
             "Classifier.Classify": classify,

@@ -490,6 +490,27 @@ class Engine:
                 return await self._append(live.session, encoded, top_k, snapshot.position)
             return await self._first_step(session, encoded, top_k, snapshot.position)
 
+    async def fork_session(self, session_id: str, top_k: int = 0,
+                           client: str = "") -> SessionStep:
+        """A new session (a new id) at the position of the held session `session_id`,
+        with a copy of its state, after the appends to it that arrived before this call;
+        the source is not changed (not even its idle time). A copy of the state and no
+        compute: as cheap as the state is small. `client` holds the fork, for
+        max_sessions_per_client."""
+        if not session_id:
+            raise InvalidArgument("session_id", "required")
+        source = self.sessions.get(session_id, touch=False)
+        self._check_top_k(top_k, source.model)
+        note_model(source.model.name)
+        async with source.lock:  # in order with the appends to it
+            source = self.sessions.get(session_id, touch=False)  # it may have gone
+            session = self.sessions.create(source.model, source.state, source.next_logprobs,
+                                           source.resume_state, source.last_token,
+                                           position=source.position, client=client)
+        with source.model.in_use():
+            return await self._first_step(session, Encoded(np.zeros(0, np.int64), [], 0),
+                                          top_k, None)
+
     def close_session(self, session_id: str) -> None:
         if not session_id:
             raise InvalidArgument("session_id", "required")

@@ -5,8 +5,9 @@
   not listed (the session routes take them, as recur.v1's do).
 - POST /v1/completions: completions.py.
 - POST /v1/chat/completions: 404, saying why (these models have no chat format).
-- POST /v1/sessions, POST /v1/sessions/{id}/append, DELETE /v1/sessions/{id}: recur.v1's
-  CreateSession, Append and CloseSession, with the same engine calls, per-client quotas
+- POST /v1/sessions, POST /v1/sessions/{id}/append, POST /v1/sessions/{id}/fork,
+  DELETE /v1/sessions/{id}: recur.v1's CreateSession, Append, ForkSession and
+  CloseSession, with the same engine calls, per-client quotas
   (the client named as on the gRPC port) and limits; state tokens travel as base64.
 """
 
@@ -31,6 +32,7 @@ from serving.api.openai.errors import OPENAI_ERRORS
 from serving.api.openai.schema import (
     SessionAppendRequest,
     SessionCreateRequest,
+    SessionForkRequest,
     input_of,
     parse,
     state_token_of,
@@ -103,6 +105,12 @@ def openai_router(engine: Engine, max_message_bytes: int) -> ShapedRouter:
                                    client=client_of(request),
                                    check=_session_limit(engine, max_message_bytes, "input",
                                                         top_k))
+        return JSONResponse(_session_json(step))
+
+    @router.post("/sessions/{session_id}/fork")
+    async def fork(session_id: str, request: Request) -> JSONResponse:
+        body = parse(SessionForkRequest, await request.body())
+        step = await engine.fork_session(session_id, body.top_k or 0, client_of(request))
         return JSONResponse(_session_json(step))
 
     @router.delete("/sessions/{session_id}")

@@ -67,6 +67,10 @@ class SessionAppendRequest(Strict):
     state_token: str | None = None  # base64
 
 
+class SessionForkRequest(Strict):
+    top_k: int | None = 0
+
+
 Request = TypeVar("Request", bound=Strict)
 
 

@@ -178,6 +178,12 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
         return response_limit(self.max_message_bytes - top_k * (TOKEN_OVERHEAD + 64), field)
 
     @rpc(SERVICE)
+    async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.SessionResponse:
+        step = await self.engine.fork_session(request.session_id, request.top_k,
+                                              self.client_of(context))
+        return session_response(step)
+
+    @rpc(SERVICE)
     async def CloseSession(self, request: pb.CloseSessionRequest,
                            context) -> pb.CloseSessionResponse:
         self.engine.close_session(request.session_id)

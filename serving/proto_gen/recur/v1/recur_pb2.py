@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14recur/v1/recur.proto\x12\x08recur.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"K\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x12.recur.v1.TokenIdsH\x00\x42\t\n\x07\x63ontent\"2\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"t\n\x0cScoreRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.recur.v1.Input\x12\x14\n\x07\x61\x64\x64_eos\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_add_eos\"\x87\x01\n\rSequenceScore\x12\x1f\n\x06tokens\x18\x01 \x03(\x0b\x32\x0f.recur.v1.Token\x12\x15\n\rtotal_logprob\x18\x02 \x01(\x01\x12\x13\n\x0btoken_count\x18\x03 \x01(\x03\x12\x12\n\nperplexity\x18\x04 \x01(\x01\x12\x15\n\runknown_count\x18\x05 \x01(\x03\"[\n\rScoreResponse\x12\'\n\x06scores\x18\x01 \x03(\x0b\x32\x17.recur.v1.SequenceScore\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\"\x86\x01\n\x12ScoreStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06inputs\x18\x03 \x03(\x0b\x32\x0f.recur.v1.Input\x12\x14\n\x07\x61\x64\x64_eos\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_add_eos\"J\n\x13ScoreStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06scores\x18\x02 \x03(\x0b\x32\x17.recur.v1.SequenceScore\"\x8d\x02\n\x0f\x43ompleteRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06prompt\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Input\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\t\n\x01n\x18\x08 \x01(\x05\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x03\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa1\x01\n\x10\x43ompleteResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x1e\n\x05token\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Token\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.recur.v1.FinishReason\x12\x0c\n\x04text\x18\x04 \x01(\t\x12!\n\x05model\x18\x05 \x01(\x0b\x32\x12.recur.v1.ModelRef\"~\n\x14\x43reateSessionRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06prefix\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Input\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0bstate_token\x18\x04 \x01(\x0c\"g\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x05input\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Input\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0bstate_token\x18\x04 \x01(\x0c\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"x\n\x0f\x43onverseRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1e\n\x05input\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Input\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0bstate_token\x18\x04 \x01(\x0c\":\n\x0bTaggedToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"6\n\x10\x43lassProbability\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x9f\x02\n\x0fSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x1f\n\x06tokens\x18\x04 \x03(\x0b\x32\x0f.recur.v1.Token\x12$\n\x0bnext_tokens\x18\x05 \x03(\x0b\x32\x0f.recur.v1.Token\x12#\n\x04tags\x18\x06 \x03(\x0b\x32\x15.recur.v1.TaggedToken\x12+\n\x07\x63lasses\x18\x07 \x03(\x0b\x32\x1a.recur.v1.ClassProbability\x12\x15\n\runknown_count\x18\x08 \x01(\x03\x12\x13\n\x0bstate_token\x18\t \x01(\x0c\"P\n\nTagRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.recur.v1.Input\"7\n\x0eTaggedSequence\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.recur.v1.TaggedToken\"[\n\x0bTagResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.recur.v1.TaggedSequence\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\"U\n\x0f\x43lassifyRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.recur.v1.Input\"L\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12+\n\x07\x63lasses\x18\x02 \x03(\x0b\x32\x1a.recur.v1.ClassProbability\"`\n\x10\x43lassifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.recur.v1.Classification\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\"\x13\n\x11ListModelsRequest\"\xfd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06latest\x18\x03 \x01(\x08\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x01(\x03\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x03\x12\x15\n\rbidirectional\x18\x08 \x01(\x08\x12\x12\n\nvocab_size\x18\t \x01(\x03\x12\x0e\n\x06labels\x18\n \x03(\t\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x11\n\tproviders\x18\r \x03(\t\x12\x13\n\x0bincremental\x18\x0e \x01(\x08\"A\n\x10UnavailableModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"j\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.recur.v1.ModelInfo\x12/\n\x0bunavailable\x18\x02 \x03(\x0b\x32\x1a.recur.v1.UnavailableModel*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xfd\x03\n\rLanguageModel\x12\x38\n\x05Score\x12\x16.recur.v1.ScoreRequest\x1a\x17.recur.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.recur.v1.ScoreStreamRequest\x1a\x1d.recur.v1.ScoreStreamResponse(\x01\x30\x01\x12\x43\n\x08\x43omplete\x12\x19.recur.v1.CompleteRequest\x1a\x1a.recur.v1.CompleteResponse0\x01\x12J\n\rCreateSession\x12\x1e.recur.v1.CreateSessionRequest\x1a\x19.recur.v1.SessionResponse\x12<\n\x06\x41ppend\x12\x17.recur.v1.AppendRequest\x1a\x19.recur.v1.SessionResponse\x12M\n\x0c\x43loseSession\x12\x1d.recur.v1.CloseSessionRequest\x1a\x1e.recur.v1.CloseSessionResponse\x12\x44\n\x08\x43onverse\x12\x19.recur.v1.ConverseRequest\x1a\x19.recur.v1.SessionResponse(\x01\x30\x01\x32<\n\x06Tagger\x12\x32\n\x03Tag\x12\x14.recur.v1.TagRequest\x1a\x15.recur.v1.TagResponse2O\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x19.recur.v1.ClassifyRequest\x1a\x1a.recur.v1.ClassifyResponse2Q\n\x06Models\x12G\n\nListModels\x12\x1b.recur.v1.ListModelsRequest\x1a\x1c.recur.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14recur/v1/recur.proto\x12\x08recur.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"K\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x12.recur.v1.TokenIdsH\x00\x42\t\n\x07\x63ontent\"2\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"t\n\x0cScoreRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.recur.v1.Input\x12\x14\n\x07\x61\x64\x64_eos\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_add_eos\"\x87\x01\n\rSequenceScore\x12\x1f\n\x06tokens\x18\x01 \x03(\x0b\x32\x0f.recur.v1.Token\x12\x15\n\rtotal_logprob\x18\x02 \x01(\x01\x12\x13\n\x0btoken_count\x18\x03 \x01(\x03\x12\x12\n\nperplexity\x18\x04 \x01(\x01\x12\x15\n\runknown_count\x18\x05 \x01(\x03\"[\n\rScoreResponse\x12\'\n\x06scores\x18\x01 \x03(\x0b\x32\x17.recur.v1.SequenceScore\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\"\x86\x01\n\x12ScoreStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06inputs\x18\x03 \x03(\x0b\x32\x0f.recur.v1.Input\x12\x14\n\x07\x61\x64\x64_eos\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_add_eos\"J\n\x13ScoreStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06scores\x18\x02 \x03(\x0b\x32\x17.recur.v1.SequenceScore\"\x8d\x02\n\x0f\x43ompleteRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06prompt\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Input\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\t\n\x01n\x18\x08 \x01(\x05\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x03\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa1\x01\n\x10\x43ompleteResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x1e\n\x05token\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Token\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.recur.v1.FinishReason\x12\x0c\n\x04text\x18\x04 \x01(\t\x12!\n\x05model\x18\x05 \x01(\x0b\x32\x12.recur.v1.ModelRef\"~\n\x14\x43reateSessionRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06prefix\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Input\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0bstate_token\x18\x04 \x01(\x0c\"g\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x05input\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Input\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0bstate_token\x18\x04 \x01(\x0c\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"7\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\"x\n\x0f\x43onverseRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1e\n\x05input\x18\x02 \x01(\x0b\x32\x0f.recur.v1.Input\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x13\n\x0bstate_token\x18\x04 \x01(\x0c\":\n\x0bTaggedToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"6\n\x10\x43lassProbability\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x9f\x02\n\x0fSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x1f\n\x06tokens\x18\x04 \x03(\x0b\x32\x0f.recur.v1.Token\x12$\n\x0bnext_tokens\x18\x05 \x03(\x0b\x32\x0f.recur.v1.Token\x12#\n\x04tags\x18\x06 \x03(\x0b\x32\x15.recur.v1.TaggedToken\x12+\n\x07\x63lasses\x18\x07 \x03(\x0b\x32\x1a.recur.v1.ClassProbability\x12\x15\n\runknown_count\x18\x08 \x01(\x03\x12\x13\n\x0bstate_token\x18\t \x01(\x0c\"P\n\nTagRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.recur.v1.Input\"7\n\x0eTaggedSequence\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.recur.v1.TaggedToken\"[\n\x0bTagResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.recur.v1.TaggedSequence\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\"U\n\x0f\x43lassifyRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.recur.v1.ModelRef\x12\x1f\n\x06inputs\x18\x02 \x03(\x0b\x32\x0f.recur.v1.Input\"L\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12+\n\x07\x63lasses\x18\x02 \x03(\x0b\x32\x1a.recur.v1.ClassProbability\"`\n\x10\x43lassifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.recur.v1.Classification\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.recur.v1.ModelRef\"\x13\n\x11ListModelsRequest\"\xfd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06latest\x18\x03 \x01(\x08\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x01(\x03\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x03\x12\x15\n\rbidirectional\x18\x08 \x01(\x08\x12\x12\n\nvocab_size\x18\t \x01(\x03\x12\x0e\n\x06labels\x18\n \x03(\t\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x11\n\tproviders\x18\r \x03(\t\x12\x13\n\x0bincremental\x18\x0e \x01(\x08\"A\n\x10UnavailableModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"j\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.recur.v1.ModelInfo\x12/\n\x0bunavailable\x18\x02 \x03(\x0b\x32\x1a.recur.v1.UnavailableModel*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xc5\x04\n\rLanguageModel\x12\x38\n\x05Score\x12\x16.recur.v1.ScoreRequest\x1a\x17.recur.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.recur.v1.ScoreStreamRequest\x1a\x1d.recur.v1.ScoreStreamResponse(\x01\x30\x01\x12\x43\n\x08\x43omplete\x12\x19.recur.v1.CompleteRequest\x1a\x1a.recur.v1.CompleteResponse0\x01\x12J\n\rCreateSession\x12\x1e.recur.v1.CreateSessionRequest\x1a\x19.recur.v1.SessionResponse\x12<\n\x06\x41ppend\x12\x17.recur.v1.AppendRequest\x1a\x19.recur.v1.SessionResponse\x12M\n\x0c\x43loseSession\x12\x1d.recur.v1.CloseSessionRequest\x1a\x1e.recur.v1.CloseSessionResponse\x12\x46\n\x0b\x46orkSession\x12\x1c.recur.v1.ForkSessionRequest\x1a\x19.recur.v1.SessionResponse\x12\x44\n\x08\x43onverse\x12\x19.recur.v1.ConverseRequest\x1a\x19.recur.v1.SessionResponse(\x01\x30\x01\x32<\n\x06Tagger\x12\x32\n\x03Tag\x12\x14.recur.v1.TagRequest\x1a\x15.recur.v1.TagResponse2O\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x19.recur.v1.ClassifyRequest\x1a\x1a.recur.v1.ClassifyResponse2Q\n\x06Models\x12G\n\nListModels\x12\x1b.recur.v1.ListModelsRequest\x1a\x1c.recur.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recur.v1.recur_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=3004
-  _globals['_FINISHREASON']._serialized_end=3122
+  _globals['_FINISHREASON']._serialized_start=3061
+  _globals['_FINISHREASON']._serialized_end=3179
   _globals['_MODELREF']._serialized_start=34
   _globals['_MODELREF']._serialized_end=75
   _globals['_TOKENIDS']._serialized_start=77
@@ -63,40 +63,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSESESSIONREQUEST']._serialized_end=1503
   _globals['_CLOSESESSIONRESPONSE']._serialized_start=1505
   _globals['_CLOSESESSIONRESPONSE']._serialized_end=1527
-  _globals['_CONVERSEREQUEST']._serialized_start=1529
-  _globals['_CONVERSEREQUEST']._serialized_end=1649
-  _globals['_TAGGEDTOKEN']._serialized_start=1651
-  _globals['_TAGGEDTOKEN']._serialized_end=1709
-  _globals['_CLASSPROBABILITY']._serialized_start=1711
-  _globals['_CLASSPROBABILITY']._serialized_end=1765
-  _globals['_SESSIONRESPONSE']._serialized_start=1768
-  _globals['_SESSIONRESPONSE']._serialized_end=2055
-  _globals['_TAGREQUEST']._serialized_start=2057
-  _globals['_TAGREQUEST']._serialized_end=2137
-  _globals['_TAGGEDSEQUENCE']._serialized_start=2139
-  _globals['_TAGGEDSEQUENCE']._serialized_end=2194
-  _globals['_TAGRESPONSE']._serialized_start=2196
-  _globals['_TAGRESPONSE']._serialized_end=2287
-  _globals['_CLASSIFYREQUEST']._serialized_start=2289
-  _globals['_CLASSIFYREQUEST']._serialized_end=2374
-  _globals['_CLASSIFICATION']._serialized_start=2376
-  _globals['_CLASSIFICATION']._serialized_end=2452
-  _globals['_CLASSIFYRESPONSE']._serialized_start=2454
-  _globals['_CLASSIFYRESPONSE']._serialized_end=2550
-  _globals['_LISTMODELSREQUEST']._serialized_start=2552
-  _globals['_LISTMODELSREQUEST']._serialized_end=2571
-  _globals['_MODELINFO']._serialized_start=2574
-  _globals['_MODELINFO']._serialized_end=2827
-  _globals['_UNAVAILABLEMODEL']._serialized_start=2829
-  _globals['_UNAVAILABLEMODEL']._serialized_end=2894
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2896
-  _globals['_LISTMODELSRESPONSE']._serialized_end=3002
-  _globals['_LANGUAGEMODEL']._serialized_start=3125
-  _globals['_LANGUAGEMODEL']._serialized_end=3634
-  _globals['_TAGGER']._serialized_start=3636
-  _globals['_TAGGER']._serialized_end=3696
-  _globals['_CLASSIFIER']._serialized_start=3698
-  _globals['_CLASSIFIER']._serialized_end=3777
-  _globals['_MODELS']._serialized_start=3779
-  _globals['_MODELS']._serialized_end=3860
+  _globals['_FORKSESSIONREQUEST']._serialized_start=1529
+  _globals['_FORKSESSIONREQUEST']._serialized_end=1584
+  _globals['_CONVERSEREQUEST']._serialized_start=1586
+  _globals['_CONVERSEREQUEST']._serialized_end=1706
+  _globals['_TAGGEDTOKEN']._serialized_start=1708
+  _globals['_TAGGEDTOKEN']._serialized_end=1766
+  _globals['_CLASSPROBABILITY']._serialized_start=1768
+  _globals['_CLASSPROBABILITY']._serialized_end=1822
+  _globals['_SESSIONRESPONSE']._serialized_start=1825
+  _globals['_SESSIONRESPONSE']._serialized_end=2112
+  _globals['_TAGREQUEST']._serialized_start=2114
+  _globals['_TAGREQUEST']._serialized_end=2194
+  _globals['_TAGGEDSEQUENCE']._serialized_start=2196
+  _globals['_TAGGEDSEQUENCE']._serialized_end=2251
+  _globals['_TAGRESPONSE']._serialized_start=2253
+  _globals['_TAGRESPONSE']._serialized_end=2344
+  _globals['_CLASSIFYREQUEST']._serialized_start=2346
+  _globals['_CLASSIFYREQUEST']._serialized_end=2431
+  _globals['_CLASSIFICATION']._serialized_start=2433
+  _globals['_CLASSIFICATION']._serialized_end=2509
+  _globals['_CLASSIFYRESPONSE']._serialized_start=2511
+  _globals['_CLASSIFYRESPONSE']._serialized_end=2607
+  _globals['_LISTMODELSREQUEST']._serialized_start=2609
+  _globals['_LISTMODELSREQUEST']._serialized_end=2628
+  _globals['_MODELINFO']._serialized_start=2631
+  _globals['_MODELINFO']._serialized_end=2884
+  _globals['_UNAVAILABLEMODEL']._serialized_start=2886
+  _globals['_UNAVAILABLEMODEL']._serialized_end=2951
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2953
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3059
+  _globals['_LANGUAGEMODEL']._serialized_start=3182
+  _globals['_LANGUAGEMODEL']._serialized_end=3763
+  _globals['_TAGGER']._serialized_start=3765
+  _globals['_TAGGER']._serialized_end=3825
+  _globals['_CLASSIFIER']._serialized_start=3827
+  _globals['_CLASSIFIER']._serialized_end=3906
+  _globals['_MODELS']._serialized_start=3908
+  _globals['_MODELS']._serialized_end=3989
 # @@protoc_insertion_point(module_scope)

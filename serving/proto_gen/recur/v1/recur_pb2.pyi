@@ -174,6 +174,14 @@ class CloseSessionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id", "top_k")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    top_k: int
+    def __init__(self, session_id: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+
 class ConverseRequest(_message.Message):
     __slots__ = ("model", "input", "top_k", "state_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]

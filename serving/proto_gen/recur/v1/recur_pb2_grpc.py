@@ -69,6 +69,11 @@ class LanguageModelStub:
                 request_serializer=recur_dot_v1_dot_recur__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=recur_dot_v1_dot_recur__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/recur.v1.LanguageModel/ForkSession',
+                request_serializer=recur_dot_v1_dot_recur__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.Converse = channel.stream_stream(
                 '/recur.v1.LanguageModel/Converse',
                 request_serializer=recur_dot_v1_dot_recur__pb2.ConverseRequest.SerializeToString,
@@ -125,6 +130,15 @@ class LanguageModelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """A new session at the same position as a held one, with a copy of its state (for
+        branching: continuations explored side by side); the source is not changed. It costs
+        a copy of the state, no compute.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Converse(self, request_iterator, context):
         """A session that lives as long as the stream: the first message names the model, every
         message appends.
@@ -165,6 +179,11 @@ def add_LanguageModelServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=recur_dot_v1_dot_recur__pb2.CloseSessionRequest.FromString,
                     response_serializer=recur_dot_v1_dot_recur__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.ForkSessionRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.SessionResponse.SerializeToString,
             ),
             'Converse': grpc.stream_stream_rpc_method_handler(
                     servicer.Converse,
@@ -339,6 +358,33 @@ class LanguageModel:
             '/recur.v1.LanguageModel/CloseSession',
             recur_dot_v1_dot_recur__pb2.CloseSessionRequest.SerializeToString,
             recur_dot_v1_dot_recur__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.LanguageModel/ForkSession',
+            recur_dot_v1_dot_recur__pb2.ForkSessionRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
