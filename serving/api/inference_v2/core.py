@@ -46,12 +46,17 @@ from typing import Any
 
 import numpy as np
 
+from serving.api.inference_v2.outputs import (
+    class_outputs,
+    lm_outputs,
+    session_outputs,
+    statistics_json,
+    tag_outputs,
+)
 from serving.engine.engine import Check, Engine
 from serving.engine.errors import InvalidArgument, LimitExceeded, NotFound, shown
 from serving.engine.inputs import Input
 from serving.engine.repository import LoadedModel
-from serving.engine.results import Classified, Scored, SessionStep, Tagged
-from serving.engine.stats import Duration
 from serving.model.artifact import MAX_VERSION
 
 INPUTS = {"TEXT": ("BYTES", [1]), "TOKEN_IDS": ("INT64", [-1])}
@@ -219,7 +224,7 @@ class InferenceCore:
         if number and not name:
             raise InvalidArgument("version", "a version needs the model's name")
         # the engine's lookup answers NotFound for an unknown name or version
-        return {"model_stats": [_statistics_json(s)
+        return {"model_stats": [statistics_json(s)
                                 for s in self.engine.statistics(name, number)]}
 
     # -- the repository extension ---------------------------------------------------------
@@ -328,11 +333,11 @@ class InferenceCore:
                          parameters: Mapping[str, Any], check: Check) -> dict:
         if model.task == "lm":
             add_eos = _bool(parameters, "add_eos", True)
-            return _lm_outputs(await self.engine.score(model, inputs, add_eos, check=check))
+            return lm_outputs(await self.engine.score(model, inputs, add_eos, check=check))
         if model.task == "tag":
-            return _tag_outputs(await self.engine.tag(model, inputs, check=check))
+            return tag_outputs(await self.engine.tag(model, inputs, check=check))
         check(inputs)  # a classifier's answer is as wide as its classes: only rows count
-        return _class_outputs(await self.engine.classify(model, inputs))
+        return class_outputs(await self.engine.classify(model, inputs))
 
     def _response_limit(self, model: LoadedModel, wanted: Sequence[str],
                         request: InferRequest, in_sequence: bool) -> Check:
@@ -405,7 +410,7 @@ class InferenceCore:
             engine.close_session(step.session_id)
         extra = ({"state_token": base64.b64encode(step.state_token).decode()}
                  if step.state_token else {})
-        return runs_on, _session_outputs(runs_on, step), extra
+        return runs_on, session_outputs(runs_on, step), extra
 
 
 def _version(text: str, version_field: str) -> int:
@@ -430,75 +435,6 @@ def _one_repository(name: str) -> None:
     if name:
         raise InvalidArgument("repository_name", f"this server has one model repository; "
                               f"leave the name empty (got {shown(name)})")
-
-
-def _duration(d: Duration) -> dict:
-    return {"count": d.count, "ns": d.ns}
-
-
-def _statistics_json(s) -> dict:
-    """One engine ModelStatistics as Triton's JSON (no response cache: its hits and misses
-    stay zero; perf_analyzer reads them)."""
-    zero = {"count": 0, "ns": 0}
-    return {
-        "name": s.name, "version": str(s.version), "last_inference": s.last_inference,
-        "inference_count": s.inference_count, "execution_count": s.execution_count,
-        "inference_stats": {
-            "success": _duration(s.success), "fail": _duration(s.fail),
-            "queue": _duration(s.queue), "compute_input": _duration(s.compute_input),
-            "compute_infer": _duration(s.compute_infer),
-            "compute_output": _duration(s.compute_output),
-            "cache_hit": zero, "cache_miss": zero},
-        "batch_stats": [{"batch_size": b.batch_size,
-                         "compute_input": _duration(b.compute_input),
-                         "compute_infer": _duration(b.compute_infer),
-                         "compute_output": _duration(b.compute_output)}
-                        for b in s.batch_stats],
-        "memory_usage": []}
-
-
-def _session_outputs(model: LoadedModel, step: SessionStep) -> dict:
-    if model.task == "lm":
-        scored = step.scored or Scored([], [], [], 0, 0.0)
-        return _lm_outputs([scored])
-    if model.task == "tag":
-        tagged = step.tagged or Tagged([], [], [], np.zeros((0, 0), np.float32))
-        return _tag_outputs([tagged])
-    if step.classified is None:  # an empty first request: no distribution yet
-        return {"LABEL": (np.array([[b""]], object), "BYTES"),
-                "CLASS_PROBS": (np.zeros((1, len(model.labels)), np.float32), "FP32")}
-    return _class_outputs([step.classified])
-
-
-def _padded(rows: list[list], fill, dtype) -> np.ndarray:
-    width = max((len(r) for r in rows), default=0)
-    array = np.full((len(rows), width), fill, dtype)
-    for i, row in enumerate(rows):
-        array[i, : len(row)] = row
-    return array
-
-
-def _lm_outputs(scores: list[Scored]) -> dict:
-    rows = [s.logprobs for s in scores]
-    logprobs = _padded(rows, 0.0, np.float32)
-    counts = np.array([[len(r)] for r in rows], np.int64)
-    totals = np.array([[float(np.sum(r, dtype=np.float64))] for r in rows], np.float32)
-    return {"TOKEN_LOGPROBS": (logprobs, "FP32"), "TOKEN_COUNT": (counts, "INT64"),
-            "TOTAL_LOGPROB": (totals, "FP32")}
-
-
-def _tag_outputs(results: list[Tagged]) -> dict:
-    encoded = _padded([[t.encode() for t in r.tags] for r in results], b"", object)
-    logprobs = _padded([r.logprobs for r in results], 0.0, np.float32)
-    counts = np.array([[len(r.tags)] for r in results], np.int64)
-    return {"TAGS": (encoded, "BYTES"), "TAG_LOGPROBS": (logprobs, "FP32"),
-            "TOKEN_COUNT": (counts, "INT64")}
-
-
-def _class_outputs(results: list[Classified]) -> dict:
-    probs = np.exp(np.stack([r.logprobs for r in results])).astype(np.float32)
-    labels = np.array([[r.label.encode()] for r in results], object)
-    return {"LABEL": (labels, "BYTES"), "CLASS_PROBS": (probs, "FP32")}
 
 
 def _sequence_id(parameters: Mapping[str, Any], max_bytes: int) -> str:

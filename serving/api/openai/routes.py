@@ -22,12 +22,8 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.api.http.app import client_of
 from serving.api.http.errors import HttpError, ShapedRouter
-from serving.api.openai.completions import (
-    Completions,
-    json_number,
-    json_text_bytes,
-    longest_token_bytes,
-)
+from serving.api.openai.choices import json_number, json_text_bytes, longest_token_bytes
+from serving.api.openai.completions import Completions
 from serving.api.openai.errors import OPENAI_ERRORS
 from serving.api.openai.schema import (
     SessionAppendRequest,
