@@ -34,6 +34,9 @@ TASKS = ("lm", "tag", "classify")
 # hidden_size for Elman and GRU cells and 2 * hidden_size for the LSTM ([h ; c] packed).
 LM_INPUTS = ("tokens", "lengths", "state", "targets")
 LM_OUTPUTS = ("token_logprobs", "next_logprobs", "new_state")
+# since they were added: the most likely token at each position and its log-prob (an
+# artifact exported before has none; the server then steps through a text to find them)
+LM_GREEDY_OUTPUTS = ("greedy_tokens", "greedy_logprobs")
 REQUIRED_METADATA = ("format_version", "task", "cell", "layers", "embedding_size",
                      "hidden_size", "state_size", "bidirectional", "vocab_size", "inputs",
                      "outputs", "onnx_sha256", "special_tokens")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.model.artifact import Artifact, load_artifact
+from serving.model.artifact import LM_GREEDY_OUTPUTS, Artifact, load_artifact
 
 log = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda")
@@ -50,6 +50,10 @@ class LMStep:
     token_logprobs: np.ndarray  # [B, T]: log P(targets[b, t] | tokens[b, :t+1], state)
     next_logprobs: np.ndarray  # [B, V]: after each row's last valid token
     state: ort.OrtValue  # [L, B, S] on the session's device
+    # [B, T]: the argmax token at each position and its log-prob (bitwise the token_logprobs
+    # of that token); None from artifacts exported before the graph had them
+    greedy_tokens: np.ndarray | None = None
+    greedy_logprobs: np.ndarray | None = None
 
 
 class ModelRuntime:
@@ -77,6 +81,8 @@ class ModelRuntime:
         self.session = ort.InferenceSession(str(self.artifact.model_path), options,
                                             providers=providers)
         self.providers = self.session.get_providers()
+        self.output_names = [output.name for output in self.session.get_outputs()]
+        self.has_greedy = set(LM_GREEDY_OUTPUTS) <= set(self.output_names)
         self.fallback = kind == "cuda" and "CUDAExecutionProvider" not in self.providers
         if self.fallback and not allow_cpu_fallback:
             raise DeviceUnavailable(
@@ -177,8 +183,11 @@ class ModelRuntime:
             raise ValueError(f"targets must have the shape of tokens {list(tokens.shape)}")
         elif np.asarray(targets).min() < 0 or np.asarray(targets).max() >= len(self.vocab):
             raise ValueError(f"targets must be ids in [0, {len(self.vocab)})")
-        token_logprobs, next_logprobs, new_state = self._run(tokens, lengths, state, targets)
-        return LMStep(token_logprobs.numpy(), next_logprobs.numpy(), new_state)
+        out = dict(zip(self.output_names, self._run(tokens, lengths, state, targets)))
+        greedy = ((out["greedy_tokens"].numpy(), out["greedy_logprobs"].numpy())
+                  if self.has_greedy else (None, None))
+        return LMStep(out["token_logprobs"].numpy(), out["next_logprobs"].numpy(),
+                      out["new_state"], *greedy)
 
     def run_encoder(self, tokens: np.ndarray, lengths: np.ndarray,
                     state: np.ndarray | ort.OrtValue | None = None):

@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto, helper
 
 from training.export.builder import Dims, GraphBuilder
-from training.export.lm_head import lm_head
+from training.export.lm_head import HEAD_OUTPUTS, lm_head, output_infos
 from training.models.encoders import RecurrentClassifier, RecurrentTagger
 from training.models.language_model import RecurrentLM
 from training.models.recurrence import RecurrentLayer, RecurrentStack
@@ -206,8 +206,7 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
         inputs.append(helper.make_tensor_value_info("targets", INT64, ["batch", "time"]))
         vocab = model.output.weight.shape[0]
         lm_head(g, model.output, out, dims)
-        outputs = [helper.make_tensor_value_info("token_logprobs", FLOAT, ["batch", "time"]),
-                   helper.make_tensor_value_info("next_logprobs", FLOAT, ["batch", vocab])]
+        outputs = output_infos(HEAD_OUTPUTS, vocab)
     elif isinstance(model, RecurrentTagger):
         tags = model.output.weight.shape[0]
         logprobs = g.op("LogSoftmax", [_linear(g, out, model.output, dims)], axis=2)

@@ -9,6 +9,12 @@ own float32 forward is, within FACTOR (plus FLOOR, float32's noise on values of 
 and never further than CEILING: beyond that a model's float32 numbers are too unstable to
 serve, whatever torch does. A wrong graph (a gate in the wrong place, a missing bias)
 misses by orders of magnitude more than the float32 forward does.
+
+`greedy_tokens` is an index, not a number to compare: where two tokens' log-probs are
+closer than float32's rounding, either may legitimately win. Its difference is the
+log-prob it gives up, the reference's max minus the reference's log-prob at the chosen
+token (0 when it chose the reference's argmax), and it is allowed what `greedy_logprobs`
+is allowed.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ CASES = ((1, 1), (1, 7), (7, 1), (7, 7), (7, 64), (64, 7), (64, 64))
 FACTOR = 4.0
 FLOOR = 1e-5
 CEILING = 1e-3
+GIVEN_UP = ("log-prob given up: the max of a reference's log-probs minus its log-prob at the "
+            "chosen token; allowed as greedy_logprobs")
 
 
 class ExportMismatch(AssertionError):
@@ -36,21 +44,32 @@ def _valid_mask(lengths: torch.Tensor, steps: int) -> np.ndarray:
     return (torch.arange(steps)[None, :] < lengths[:, None]).numpy()
 
 
-def _torch_outputs(model: torch.nn.Module, tokens, lengths, state, targets) -> dict:
-    """The outputs the graph has, computed by `model` (in its own precision)."""
+def _torch_outputs(model: torch.nn.Module, tokens, lengths, state,
+                   targets) -> tuple[dict, torch.Tensor | None]:
+    """The outputs the graph has, computed by `model` (in its own precision), and for a
+    language model the log-probs [B, T, V] they come from (None otherwise)."""
     if isinstance(model, RecurrentLM):
         logits, new_state = model(tokens, state, lengths)
         logprobs = torch.log_softmax(logits, dim=-1)
         batch = tokens.shape[0]
+        greedy = logprobs.max(dim=-1)  # ties: the lowest index, as the graph's TopK
         return {"token_logprobs": logprobs.gather(2, targets[..., None])[..., 0],
                 "next_logprobs": logprobs[torch.arange(batch), lengths - 1],
-                "new_state": new_state}
+                "greedy_tokens": greedy.indices, "greedy_logprobs": greedy.values,
+                "new_state": new_state}, logprobs
     logits, final = model(tokens, lengths, state)
     name = "tag_logprobs" if logits.dim() == 3 else "class_logprobs"
     outputs = {name: torch.log_softmax(logits, dim=-1)}
     if state is not None:
         outputs["new_state"] = final
-    return outputs
+    return outputs, None
+
+
+def _given_up(logprobs: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """[B, T]: how much less than its max `logprobs` [B, T, V] has at the `chosen` tokens
+    (clipped into the vocabulary: padded positions may hold anything)."""
+    chosen = np.clip(chosen, 0, logprobs.shape[-1] - 1)[..., None]
+    return logprobs.max(axis=-1) - np.take_along_axis(logprobs, chosen, axis=-1)[..., 0]
 
 
 def _graph_outputs(runtime: ModelRuntime, tokens, lengths, state, targets,
@@ -58,8 +77,11 @@ def _graph_outputs(runtime: ModelRuntime, tokens, lengths, state, targets,
     state = None if state is None else state.numpy()
     if runtime.task == "lm":
         got = runtime.run_lm(tokens.numpy(), lengths.numpy(), state, targets.numpy())
-        return {"token_logprobs": got.token_logprobs, "next_logprobs": got.next_logprobs,
-                "new_state": got.state.numpy()}
+        outputs = {"token_logprobs": got.token_logprobs, "next_logprobs": got.next_logprobs,
+                   "new_state": got.state.numpy()}
+        if runtime.has_greedy:  # artifacts exported before the greedy outputs lack them
+            outputs.update(greedy_tokens=got.greedy_tokens, greedy_logprobs=got.greedy_logprobs)
+        return outputs
     out, new_state = runtime.run_encoder(tokens.numpy(), lengths.numpy(), state)
     outputs = {next(n for n in names if n != "new_state"): out}
     if new_state is not None:
@@ -84,36 +106,45 @@ def verify(model: torch.nn.Module, runtime: ModelRuntime, seed: int = 0, cases=C
         tokens = torch.randint(0, vocab, (batch, steps), generator=generator)
         lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
         lengths[0] = steps  # at least one full row
-        masks = {"token_logprobs": _valid_mask(lengths, steps),
-                 "tag_logprobs": _valid_mask(lengths, steps)}
+        valid = _valid_mask(lengths, steps)
+        masks = {name: valid for name in ("token_logprobs", "greedy_tokens",
+                                          "greedy_logprobs", "tag_logprobs")}
         state = None
         if runtime.incremental:
             state = 0.5 * torch.randn(model.stack.num_layers, batch, model.stack.state_size,
                                       generator=generator)
         targets = torch.randint(0, vocab, (batch, steps), generator=generator)
-        exact = {k: v.numpy() for k, v in _torch_outputs(
-            reference, tokens, lengths, None if state is None else state.double(),
-            targets).items()}
-        ours = {k: v.numpy() for k, v in _torch_outputs(model, tokens, lengths, state,
-                                                        targets).items()}
+        exact, exact_logprobs = _torch_outputs(
+            reference, tokens, lengths, None if state is None else state.double(), targets)
+        ours, our_logprobs = _torch_outputs(model, tokens, lengths, state, targets)
+        exact, ours = ({k: v.numpy() for k, v in o.items()} for o in (exact, ours))
         graph = _graph_outputs(runtime, tokens, lengths, state, targets, list(exact))
-        for key, value in exact.items():
+        for key in graph:
             mask = masks.get(key)
-            for worst, other, against in ((graph_err, graph[key], value),
-                                          (torch_err, ours[key], value),
-                                          (graph_vs_torch, graph[key], ours[key])):
-                diff = np.abs(other.astype(np.float64) - against)
+            if key == "greedy_tokens":  # the log-prob given up by each choice
+                diffs = (_given_up(exact_logprobs.numpy(), graph[key]),
+                         _given_up(exact_logprobs.numpy(), ours[key]),
+                         _given_up(our_logprobs.numpy().astype(np.float64), graph[key]))
+            else:
+                diffs = (np.abs(graph[key].astype(np.float64) - exact[key]),
+                         np.abs(ours[key].astype(np.float64) - exact[key]),
+                         np.abs(graph[key].astype(np.float64) - ours[key]))
+            for worst, diff in zip((graph_err, torch_err, graph_vs_torch), diffs):
                 diff = diff[mask] if mask is not None else diff
                 worst[key] = max(worst.get(key, 0.0), float(diff.max()))
     outputs = {}
     refused = []
     for key in graph_err:
-        allowed = min(factor * torch_err[key] + floor, ceiling)
+        basis = "greedy_logprobs" if key == "greedy_tokens" else key
+        allowed = min(factor * torch_err[basis] + floor, ceiling)
         outputs[key] = {"graph_vs_float64": graph_err[key],
                         "torch_float32_vs_float64": torch_err[key],
                         "graph_vs_torch_float32": graph_vs_torch[key], "allowed": allowed}
+        if key == "greedy_tokens":
+            outputs[key]["measure"] = GIVEN_UP
         if not graph_err[key] <= allowed:
-            refused.append(f"{key}: {graph_err[key]:.2e} from float64 (torch's float32 "
+            what = "of log-prob given up" if key == "greedy_tokens" else "from float64"
+            refused.append(f"{key}: {graph_err[key]:.2e} {what} (torch's float32 "
                            f"forward: {torch_err[key]:.2e}; allowed {allowed:.2e})")
     report = {"reference": "the torch model in float64", "factor": factor, "floor": floor,
               "ceiling": ceiling, "cases": [list(c) for c in cases], "outputs": outputs,
