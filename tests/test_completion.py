@@ -133,12 +133,22 @@ def test_a_completion_runs_its_prompt_and_then_one_step_per_token(server):
     assert sum(event.token is not None for event in events) == 6
     assert calls() - before == 5
     assert prompt_tokens() == prompted
-    before = calls()
+    def executed() -> float:
+        return server.metric("recur_executed_tokens_total", model="endless/1")
+
+    before, ran = calls(), executed()
     events = list(server.client.complete("endless", "w3 w4 w5", version=1, seed=0,
                                          max_tokens=6))
     assert sum(event.token is not None for event in events) == 6
-    assert calls() - before == 1 + 5  # the prompt's three tokens in one call
+    # the prompt up to its last token (its state goes to the prefix cache), the last token
+    assert calls() - before == 2 + 5 and executed() - ran == 3 + 5
     assert prompt_tokens() == prompted + 3
+    # the same prompt again starts from the cached state: only its last token runs
+    before, ran = calls(), executed()
+    again = list(server.client.complete("endless", "w3 w4 w5", version=1, seed=0,
+                                        max_tokens=6))
+    assert calls() - before == 1 + 5 and executed() - ran == 1 + 5
+    assert [e.token.id for e in again if e.token] == [e.token.id for e in events if e.token]
 
 
 def test_a_deadline_stops_a_completion_at_the_next_step(server):

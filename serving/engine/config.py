@@ -96,6 +96,13 @@ class EngineConfig:
     chunk_tokens: int = setting(
         256, "Long inputs run in chunks of this many tokens, the state carried between them, "
         "so one request's share of a batch stays bounded.", BATCHING)
+    prefix_cache_mib: float = setting(
+        64.0, "Memory (MiB) per language-model version for its prefix cache: exact states of "
+        "prompts, prefixes and contexts already read, so a request extending one runs only "
+        "the rest. Least recently used out; 0: off.", BATCHING)
+    prefix_cache_interval: int = setting(
+        256, "Long inputs also leave a state in the prefix cache every this many tokens.",
+        BATCHING)
     max_inline_step_ms: float = setting(
         5.0, "A lone one-token step that has been measured to take less than this runs on "
         "the event loop's thread, saving two thread hops; everything else runs on the "
@@ -137,6 +144,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "token_budget", "max_queue", "chunk_tokens",
+                    "prefix_cache_interval",
                     "max_sessions", "max_session_bytes", "max_sequences_per_request",
                     "max_tokens_per_sequence", "max_completion_tokens",
                     "default_completion_tokens", "max_samples", "max_stop_strings",
@@ -145,7 +153,7 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("session_ttl_s", "max_queue_delay_ms", "threads", "state_token_ttl_s",
-                     "repository_poll_s", "max_inline_step_ms",
+                     "repository_poll_s", "max_inline_step_ms", "prefix_cache_mib",
                      "max_sessions_per_client"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

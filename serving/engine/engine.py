@@ -43,6 +43,7 @@ from serving.engine.metrics import Metrics
 from serving.engine.repository import LoadedModel, ModelRepository, ModelState
 from serving.engine.results import (
     Classified,
+    Likelihood,
     ModelId,
     Scored,
     SessionStep,
@@ -99,7 +100,10 @@ class Engine:
                                           self.metrics, config.spin_threads,
                                           VersionPolicy.parse(config.version_policy),
                                           drain_s=config.session_ttl_s,
-                                          strict_start=config.strict_start)
+                                          strict_start=config.strict_start,
+                                          prefix_cache_bytes=int(config.prefix_cache_mib
+                                                                 * (1 << 20)),
+                                          prefix_cache_interval=config.prefix_cache_interval)
         self.sessions = SessionStore(config.session_ttl_s, config.max_sessions,
                                      config.max_session_bytes, self.metrics,
                                      config.max_sessions_per_client)
@@ -211,11 +215,18 @@ class Engine:
         if add_eos:
             ids, words = np.append(ids, vocab.eos_id), words + [vocab.tokens[vocab.eos_id]]
         alternatives = None
-        if top:
+        read = None
+        if top <= 1:  # the graph gives each position's most likely token beside its own
+            read = await operations.score(model, ids, self.config.chunk_tokens,
+                                          store_end=not add_eos)
+            logprobs = read.logprobs.tolist()
+        if top == 1 and read.has_greedy:
+            alternatives = [[(int(i), vocab.tokens[i], float(lp))]
+                            for i, lp in zip(read.tokens["greedy_id"],
+                                             read.tokens["greedy_logprob"], strict=True)]
+        elif top:
             logprobs, ranked = await operations.score_ranked(model, ids, top)
             alternatives = [[(i, vocab.tokens[i], lp) for i, lp in row] for row in ranked]
-        else:
-            logprobs = (await operations.score(model, ids, self.config.chunk_tokens)).tolist()
         self.metrics.tokens.labels(model.label, "scored").inc(len(ids))
         return Scored(ids.tolist(), words, logprobs, encoded.unknown, math.fsum(logprobs),
                       alternatives)
@@ -225,14 +236,8 @@ class Engine:
         are large (the thread gives the loop back the GIL every few milliseconds; a
         request over the count limit is refused at once, before its size is looked at).
         For adapters that tokenize a request themselves (prepare_scores) too."""
-        if len(inputs) <= self.config.max_sequences_per_request:
-            units = 0
-            for item in inputs:
-                if item is not None:
-                    units += (len(item.text) if item.text is not None
-                              else len(item.ids) if item.ids is not None else 0)
-                if units > OFF_LOOP_UNITS:
-                    return await asyncio.to_thread(encoder, *args)
+        if len(inputs) <= self.config.max_sequences_per_request and _large(inputs):
+            return await asyncio.to_thread(encoder, *args)
         return encoder(*args)
 
     def _check_top_logprobs(self, top: int, field: str) -> None:
@@ -240,6 +245,97 @@ class Engine:
             raise InvalidArgument(field, f"must be >= 0, got {top}")
         if top > self.config.max_top_logprobs:
             raise LimitExceeded("max_top_logprobs", top, self.config.max_top_logprobs, field)
+
+    # -- log-likelihoods (evaluation harnesses, rerankers) --------------------------------
+    @_counted
+    async def loglikelihood(self, model: LoadedModel,
+                            pairs: Sequence[tuple[Input | None, Input | None]],
+                            field: str = "pairs",
+                            check: Check | None = None) -> list[Likelihood]:
+        """lm-evaluation-harness's `loglikelihood`: for each (context, continuation), the
+        sum of the continuation's token log-probs given `<eos>` + the context (an empty or
+        missing context: the start of a sentence), their count, and whether every one was
+        the most likely token at its position. Context and continuation are tokenized
+        apart and joined, as the harness does. Pairs that share a context (multiple
+        choice) read it once: it is read first and stored in the prefix cache, and each
+        continuation starts from there; so do other requests with that context. `check`
+        sees the tokenized continuations before anything runs."""
+        if model.task != "lm":
+            model = self.model(model.name, model.version, "lm")
+        _bind(model, len(pairs))
+        config = self.config
+        if len(pairs) == 0:
+            raise InvalidArgument(field, "at least one (context, continuation) pair is "
+                                  "required")
+        if len(pairs) > config.max_sequences_per_request:
+            raise LimitExceeded("max_sequences_per_request", len(pairs),
+                                config.max_sequences_per_request, field)
+        flat = [item for pair in pairs for item in pair]
+        encoded = (await asyncio.to_thread(self._encode_pairs, model, pairs, field)
+                   if _large(flat) else self._encode_pairs(model, pairs, field))
+        if check is not None:
+            check([continuation for _, continuation in encoded])
+        groups: dict[bytes, list[int]] = {}
+        for i, (context, _) in enumerate(encoded):
+            groups.setdefault(context.ids.tobytes(), []).append(i)
+        chunk = config.chunk_tokens
+
+        async def share(members: list[int]) -> list[Likelihood]:
+            context = encoded[members[0]][0].ids
+            if model.prefix_cache.enabled and len(context) > 1:
+                await operations.read(model, context, chunk, store_end=True)
+            return await _gather(*(self._likelihood(model, *encoded[i]) for i in members))
+
+        with model.scheduler.admit(len(pairs)), model.in_use():
+            shared = await _gather(*(share(members) for members in groups.values()))
+        results: list[Likelihood | None] = [None] * len(pairs)
+        for members, likelihoods in zip(groups.values(), shared, strict=True):
+            for i, likelihood in zip(members, likelihoods, strict=True):
+                results[i] = likelihood
+        self.metrics.tokens.labels(model.label, "scored").inc(
+            sum(len(c.ids) for _, c in encoded))
+        return results
+
+    def _encode_pairs(self, model: LoadedModel,
+                      pairs: Sequence[tuple[Input | None, Input | None]],
+                      field: str) -> list[tuple[Encoded, Encoded]]:
+        limit = self.config.max_tokens_per_sequence
+        encoded = []
+        for i, (context, continuation) in enumerate(pairs):
+            where = f"{field}[{i}]"
+            before = encode(context, model.vocab, limit, allow_empty=True, optional=True,
+                            field=f"{where}.context")
+            after = encode(continuation, model.vocab, limit, field=f"{where}.continuation")
+            if len(before.ids) + len(after.ids) > limit:
+                raise LimitExceeded("max_tokens_per_sequence",
+                                    len(before.ids) + len(after.ids), limit, where,
+                                    "context and continuation: ", " tokens")
+            encoded.append((before, after))
+        return encoded
+
+    async def _likelihood(self, model: LoadedModel, context: Encoded,
+                          continuation: Encoded) -> Likelihood:
+        ids = np.concatenate([context.ids, continuation.ids])
+        start = len(context.ids)
+        read = await operations.read(model, ids, self.config.chunk_tokens, store_end=False)
+        tail = read.tokens[start:]
+        if read.has_greedy:
+            greedy = bool((tail["greedy_id"] == tail["id"]).all())
+        else:  # an artifact exported without the greedy outputs: step through it
+            _, ranked = await operations.score_ranked(model, ids, 1)
+            greedy = all(row[0][0] == token for row, token in
+                         zip(ranked[start:], continuation.ids.tolist(), strict=True))
+        logprobs = tail["logprob"].tolist()
+        return Likelihood(math.fsum(logprobs), len(logprobs), greedy, logprobs, start,
+                          context.unknown + continuation.unknown)
+
+    async def loglikelihood_rolling(self, model: LoadedModel, inputs: Sequence[Input | None],
+                                    field: str = "inputs") -> list[Scored]:
+        """lm-evaluation-harness's `loglikelihood_rolling`: the log-likelihood of whole
+        documents, each token given `<eos>` and every token before it (a recurrent model
+        reads the whole document: no windows), no `<eos>` scored after the last token.
+        Score with add_eos=False, so the same numbers."""
+        return await self.score(model, inputs, add_eos=False, field=field)
 
     # -- tagging and classification -------------------------------------------------------
     @_counted
@@ -644,8 +740,13 @@ class Engine:
             resume_state, last_token = session.resume_state, session.last_token
             if len(encoded.ids):
                 keep = self.token_keys is not None and model.task == "lm"
-                step = await operations.advance(model, session.state, session.next_logprobs,
-                                                encoded.ids, self.config.chunk_tokens, keep)
+                if read_at == 0 and model.task == "lm":  # from the start: the prefix cache's
+                    step = await operations.read_prompt(model, encoded.ids,
+                                                        self.config.chunk_tokens)
+                else:
+                    step = await operations.advance(model, session.state,
+                                                    session.next_logprobs, encoded.ids,
+                                                    self.config.chunk_tokens, keep)
                 if self.token_keys is None:
                     pass  # no state tokens: nothing to keep for them
                 elif model.task == "lm":
@@ -704,6 +805,18 @@ class Engine:
                                      "this server (start it with --model-control, "
                                      "RECUR_MODEL_CONTROL=true or model_control = true)",
                                      "MODEL_CONTROL_DISABLED")
+
+
+def _large(inputs: Sequence[Input | None]) -> bool:
+    """Whether tokenizing `inputs` would hold the event loop too long (OFF_LOOP_UNITS)."""
+    units = 0
+    for item in inputs:
+        if item is not None:
+            units += (len(item.text) if item.text is not None
+                      else len(item.ids) if item.ids is not None else 0)
+        if units > OFF_LOOP_UNITS:
+            return True
+    return False
 
 
 def _describe(result: SessionStep, model: LoadedModel, encoded: Encoded,

@@ -103,6 +103,28 @@ class Metrics:
                                  ["model"], registry=registry)
         self.rejected = Counter("recur_rejected", "Work refused because a queue was full.",
                                 ["model"], registry=registry)
+        self.prefix_cache_lookups = Counter(
+            "recur_prefix_cache_lookups", "Reads from the start state that looked in the "
+            "prefix cache, by result: hit (it spared some of their tokens) or miss.",
+            ["model", "result"], registry=registry)
+        self.prefix_cache_lookup_tokens = Counter(
+            "recur_prefix_cache_lookup_tokens", "Tokens that the reads which looked in the "
+            "prefix cache would run without it.", ["model"], registry=registry)
+        self.prefix_cache_hit_tokens = Counter(
+            "recur_prefix_cache_hit_tokens", "Tokens of those reads that the prefix cache "
+            "spared (not run through the network); over lookup_tokens: the hit rate.",
+            ["model"], registry=registry)
+        self.prefix_cache_bytes = Gauge("recur_prefix_cache_bytes", "Bytes the prefix cache "
+                                        "holds (states and per-token values).", ["model"],
+                                        registry=registry)
+        self.prefix_cache_budget = Gauge("recur_prefix_cache_budget_bytes", "The prefix "
+                                         "cache's budget (0: off).", ["model"],
+                                         registry=registry)
+        self.prefix_cache_entries = Gauge("recur_prefix_cache_entries", "States the prefix "
+                                          "cache holds.", ["model"], registry=registry)
+        self.prefix_cache_evictions = Counter(
+            "recur_prefix_cache_evictions", "Prefix cache nodes evicted (least recently used "
+            "first) to stay within the budget.", ["model"], registry=registry)
         self.model_info = Gauge("recur_model_info", "Models served (value 1).",
                                 ["name", "version", "task", "cell", "device"], registry=registry)
         self.model_stats: dict[str, ModelStats] = {}  # by label, while the version is loaded
@@ -140,12 +162,19 @@ class Metrics:
         self.queue_depth.labels(label)  # at zero when new; a draining same-label version's
         self.sessions.labels(label)  # sessions still count
         self.executed_tokens.labels(label)
+        if task == "lm":
+            for result in ("hit", "miss"):
+                self.prefix_cache_lookups.labels(label, result)
+            for counter in (self.prefix_cache_lookup_tokens, self.prefix_cache_hit_tokens,
+                            self.prefix_cache_evictions):
+                counter.labels(label)
 
     def remove_model(self, label: str) -> None:
         """Drops an unloaded version's gauges, so dashboards stop showing it (its
         recur_model_info went when it was retired; counters and histograms stay: rates
         over them fall to zero)."""
-        for gauge in (self.queue_depth, self.sessions):
+        for gauge in (self.queue_depth, self.sessions, self.prefix_cache_bytes,
+                      self.prefix_cache_budget, self.prefix_cache_entries):
             with contextlib.suppress(KeyError):
                 gauge.remove(label)
         self.model_stats.pop(label, None)  # Triton drops an unloaded model's series too

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.engine.prefix_cache import token_rows
 from serving.engine.repository import LoadedModel
 from serving.model.sampler import most_likely
 
@@ -43,12 +44,76 @@ async def run_chunks(model: LoadedModel, tokens: np.ndarray, state: np.ndarray,
     return Advance(state, next_logprobs, outputs)
 
 
-async def score(model: LoadedModel, ids: np.ndarray, chunk: int) -> np.ndarray:
-    """log P(ids[i] | <eos>, ids[:i]) from the initial state: the scoring convention (the
-    caller appends `<eos>` to ids to have it scored)."""
-    eos = model.runtime.vocab.eos_id
-    inputs = np.concatenate([[eos], ids[:-1]]).astype(np.int64)
-    return (await run_chunks(model, inputs, model.initial_state(), ids, chunk)).outputs
+@dataclass
+class Read:
+    """Tokens read from the start state under the scoring convention: per token (TOKEN
+    rows of prefix_cache.py) log P(ids[i] | <eos> ids[:i]) and the most likely token at
+    position i with its log-prob (id -1 where the graph gives none)."""
+
+    tokens: np.ndarray
+    before_last: np.ndarray | None  # S(<eos> ids[:-1]), if asked for
+    computed: int  # tokens run through the network for it
+
+    @property
+    def logprobs(self) -> np.ndarray:
+        return self.tokens["logprob"]
+
+    @property
+    def has_greedy(self) -> bool:
+        return bool(len(self.tokens)) and bool((self.tokens["greedy_id"] >= 0).all())
+
+
+# how many times a read waits for other requests' claims before reading for itself
+MAX_CLAIM_WAITS = 3
+
+
+async def read(model: LoadedModel, ids: np.ndarray, chunk: int, *, store_end: bool,
+               need_state: bool = False) -> Read:
+    """Reads `ids` (at least one) from the start state through the model's prefix cache:
+    only what extends the longest cached prefix with a state runs, in pieces of at most
+    `chunk` tokens that end at multiples of the cache's interval (each such state is
+    stored). `store_end`: the state before the last token is stored too (the end of a
+    prompt, a prefix, a scored context); `need_state`: it is returned (Read.before_last).
+    A read that another request is computing a longer prefix of waits for its entry."""
+    cache = model.prefix_cache
+    n = len(ids)
+    for _ in range(MAX_CLAIM_WAITS + 1):
+        hit = cache.lookup(ids)
+        if hit.known == n and (not need_state or hit.state_depth == n):
+            cache.note_lookup(n - 1, n - 1)
+            return Read(hit.tokens, hit.state if need_state else None, 0)
+        claimed = cache.claimed_beyond(ids, hit.state_depth)
+        if claimed is None:
+            break
+        await asyncio.shield(claimed)  # then look again: its entry is in the tree
+    depth, state = hit.state_depth, hit.state
+    cache.note_lookup(n - 1, depth - 1)
+    claim = cache.claim(ids) if store_end and n > depth else None
+    try:
+        pieces, states = [hit.tokens[:depth]], {}
+        interval = cache.interval
+        at = depth
+        while at < n:
+            stop = min(n, at + chunk, (at // interval + 1) * interval)
+            result = await model.scheduler.run(ids[at - 1 : stop - 1], state, ids[at:stop])
+            state = result.state
+            pieces.append(token_rows(ids[at:stop], result.outputs, result.greedy_ids,
+                                     result.greedy_logprobs))
+            if stop % interval == 0 or (stop == n and store_end):
+                states[stop] = state
+            at = stop
+        tokens = np.concatenate(pieces)
+        cache.insert(tokens, states)
+        return Read(tokens, state if need_state else None, n - depth)
+    finally:
+        cache.unclaim(ids, claim)
+
+
+async def score(model: LoadedModel, ids: np.ndarray, chunk: int,
+                store_end: bool = False) -> Read:
+    """log P(ids[i] | <eos>, ids[:i]) from the start: the scoring convention (the caller
+    appends `<eos>` to ids to have it scored), through the prefix cache."""
+    return await read(model, ids, chunk, store_end=store_end)
 
 
 async def score_ranked(model: LoadedModel, ids: np.ndarray, k: int
@@ -73,13 +138,19 @@ async def score_ranked(model: LoadedModel, ids: np.ndarray, k: int
 
 async def read_prompt(model: LoadedModel, ids: np.ndarray, chunk: int) -> Advance:
     """The state and next-token distribution after `<eos>` + ids. They start from the
-    model's start point (after `<eos>`, computed when it was loaded), so only the prompt's
-    own tokens run: none for an empty prompt, whose completion then needs no call before
-    its first token."""
+    model's start point (after `<eos>`, computed when it was loaded), so an empty prompt
+    needs no call before its first token. Otherwise the prompt is read through the prefix
+    cache up to its last token (that state is stored: a later prompt extending this one
+    starts there), then the last token runs alone, giving the state after the prompt and
+    its next-token distribution; `previous` is the state before the last token (a state
+    token's)."""
     state, next_logprobs = model.start_state, model.start_logprobs
     if len(ids) == 0:
         return Advance(state, next_logprobs, np.zeros(0, np.float32))
-    return await advance(model, state, next_logprobs, ids, chunk)
+    prompt = await read(model, ids, chunk, store_end=True, need_state=True)
+    last = await model.scheduler.run(ids[-1:], prompt.before_last, np.zeros(1, np.int64))
+    return Advance(last.state, last.next_logprobs, prompt.logprobs.astype(np.float32),
+                   prompt.before_last)
 
 
 async def advance(model: LoadedModel, state: np.ndarray, next_logprobs: np.ndarray | None,

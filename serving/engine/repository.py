@@ -39,6 +39,7 @@ import numpy as np
 from serving.engine.config import VersionPolicy
 from serving.engine.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from serving.engine.metrics import Metrics
+from serving.engine.prefix_cache import PrefixCache
 from serving.engine.scheduler import BatchLimits, Scheduler
 from serving.model.artifact import MAX_VERSION, load_artifact, version_of
 from serving.model.runtime import ModelRuntime
@@ -92,6 +93,7 @@ class LoadedModel:
     # language models: the state and next-token log-probs after `<eos>`, computed at load
     start_state: np.ndarray | None = field(default=None, repr=False)
     start_logprobs: np.ndarray | None = field(default=None, repr=False)
+    prefix_cache: PrefixCache | None = field(default=None, repr=False)  # language models
     latest: bool = False
     active: int = 0  # requests holding it (acquire .. release)
     retired: bool = False  # left the policy: no new lookup finds it
@@ -189,8 +191,11 @@ class ModelRepository:
     def __init__(self, root: str | Path, device: str, threads: int, allow_cpu_fallback: bool,
                  limits: BatchLimits, metrics: Metrics, spin_threads: bool = False,
                  policy: VersionPolicy | None = None, drain_s: float = 600.0,
-                 strict_start: bool = False):
+                 strict_start: bool = False, prefix_cache_bytes: int = 0,
+                 prefix_cache_interval: int = 256):
         self.root = Path(root)
+        self.prefix_cache_bytes, self.prefix_cache_interval = (prefix_cache_bytes,
+                                                               prefix_cache_interval)
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root}: no such directory")
         self.device, self.threads, self.spin_threads = device, threads, spin_threads
@@ -286,6 +291,9 @@ class ModelRepository:
                             Scheduler(runtime, label, self.limits, self.metrics))
         if runtime.task == "lm":
             model.start_state, model.start_logprobs = runtime.start_point()
+            model.prefix_cache = PrefixCache(self.prefix_cache_bytes, self.prefix_cache_interval,
+                                             model.start_state, model.start_logprobs,
+                                             self.metrics, label)
         return model
 
     def _add(self, model: LoadedModel, start: bool = True) -> None:

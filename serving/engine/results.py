@@ -43,6 +43,20 @@ class Scored:
 
 
 @dataclass(frozen=True, slots=True)
+class Likelihood:
+    """A continuation given its context (lm-evaluation-harness's loglikelihood): the sum of
+    its tokens' log-probs, their count, whether each was the most likely token at its
+    position (is_greedy), each token's log-prob, and the context's length in tokens."""
+
+    logprob: float
+    token_count: int
+    is_greedy: bool
+    token_logprobs: list[float]
+    context_tokens: int
+    unknown: int  # words of context and continuation mapped to <unk>
+
+
+@dataclass(frozen=True, slots=True)
 class Tagged:
     """A tagged sequence: per token its text, its most likely tag and that tag's
     log-probability; `tag_logprobs` [T, C] holds every tag's."""

@@ -84,6 +84,9 @@ class StepResult:
     token: int | None = None  # with a sampler: the next token drawn, and its log-prob
     token_logprob: float | None = None
     top: list[tuple[int, float]] | None = None  # with a sampler and `top`: (id, log-prob)
+    # LM, where the graph has them: the most likely token at each position [T], its log-prob
+    greedy_ids: np.ndarray | None = None
+    greedy_logprobs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -311,9 +314,13 @@ class Scheduler:
             out = self.runtime.run_lm(tokens, lengths, state, targets)
             ran = time.perf_counter()
             new_state = out.state.numpy()
+            greedy_ids, greedy_logprobs = out.greedy_tokens, out.greedy_logprobs
             results = [StepResult(out.token_logprobs[row, :n],
                                   None if step.sampler else out.next_logprobs[row].copy(),
-                                  new_state[:, row].copy())
+                                  new_state[:, row].copy(),
+                                  greedy_ids=None if greedy_ids is None else greedy_ids[row, :n],
+                                  greedy_logprobs=(None if greedy_logprobs is None
+                                                   else greedy_logprobs[row, :n]))
                        for row, (step, n) in enumerate(zip(batch, lengths, strict=True))]
             if sampled := [row for row, step in enumerate(batch) if step.sampler]:
                 logprobs = out.next_logprobs[sampled]

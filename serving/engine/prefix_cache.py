@@ -1,0 +1,304 @@
+"""The prefix cache: exact recurrent states of token prefixes already read, per model.
+
+A recurrent model's whole context is its state: a few kilobytes (10.4 KB for a 2 x 650
+LSTM) however long the history. So a prefix read once never needs reading again: a
+request whose tokens extend a cached prefix runs only the rest, with exactly the numbers a
+read from the start gives (the same network, the same state).
+
+What is cached, along a radix tree of token ids from the start state (after `<eos>`):
+- per token, its log-prob given what precedes it and the most likely token there with its
+  log-prob (16 bytes): a request whose every token is in the tree runs nothing at all;
+- at some nodes, the state *before* the node's last token, S(prefix[:-1]), as a state token
+  holds it: reading that last token again gives both the state after the prefix and the
+  next-token distribution (4V bytes, 40 KB at V = 10,000, which is not stored), exactly,
+  for the price of one token, which the request reads anyway. Reads store one at the end
+  of prompts, session prefixes and scored contexts, and every `interval` tokens of long
+  inputs (operations.read).
+
+Bounded by bytes, least recently used out. A lookup touches the nodes it passes from the
+deepest up, so an ancestor is always more recently used than its descendants, and the
+least recently used node is always a leaf: eviction removes leaves only and the tree stays
+a tree of whole prefixes.
+
+Requests that would compute the same prefix at once (64 completions of one prompt, four
+answers to one question sent as four requests) compute it once: the first claims the
+prefix while it reads it, the others wait for its entry (`claimed_beyond`).
+
+Everything here runs on the event loop's thread, so nothing needs a lock; states are never
+changed in place by anyone (the scheduler stacks copies), so an evicted state that a
+request still holds stays valid for it.
+
+Written here rather than taken from a library: a token-id radix tree with per-token values
+and byte-bounded, leaf-first LRU is a few hundred lines that no package offers in a form
+that fits (vLLM's and SGLang's prefix caches are tied to their KV-block allocators).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+# per token: its id, its log-prob, the most likely id there and its log-prob
+TOKEN = np.dtype([("id", "<i4"), ("logprob", "<f4"), ("greedy_id", "<i4"),
+                  ("greedy_logprob", "<f4")])
+# bytes of a node beside its tokens and state: the object, its children dict and the array
+# headers (measured with tracemalloc by bench/cache.py, which reports both)
+NODE_BYTES = 480
+ARRAY_BYTES = 112  # a state array's header
+
+
+def token_rows(ids: np.ndarray, logprobs: np.ndarray, greedy_ids: np.ndarray | None,
+               greedy_logprobs: np.ndarray | None) -> np.ndarray:
+    """Per-token values in the tree's layout; no greedy values: id -1, log-prob NaN."""
+    rows = np.empty(len(ids), TOKEN)
+    rows["id"], rows["logprob"] = ids, logprobs
+    rows["greedy_id"] = -1 if greedy_ids is None else greedy_ids
+    rows["greedy_logprob"] = np.nan if greedy_logprobs is None else greedy_logprobs
+    return rows
+
+
+class _Node:
+    __slots__ = ("parent", "edge", "children", "state", "depth", "stamp", "alive")
+
+    def __init__(self, parent: _Node | None, edge: np.ndarray, depth: int, stamp: int):
+        self.parent = parent
+        self.edge = edge  # TOKEN rows from the parent to this node
+        self.children: dict[int, _Node] = {}  # by the first token id of their edge
+        self.state: np.ndarray | None = None  # [L, S]: before this node's last token
+        self.depth = depth  # tokens from the root to the end of `edge`
+        self.stamp = stamp  # when last used
+        self.alive = True
+
+
+@dataclass
+class Hit:
+    """What the tree knows of a request's tokens."""
+
+    known: int  # ids[:known] have their per-token values in `tokens`
+    tokens: np.ndarray  # TOKEN rows of ids[:known]
+    state_depth: int  # the deepest stored state on the path: S(ids[:state_depth - 1])
+    state: np.ndarray  # that state (depth 1: the start state, after `<eos>`)
+
+
+class PrefixCache:
+    """One model version's cache of prefixes (token ids from the start state)."""
+
+    def __init__(self, budget_bytes: int, interval: int, start_state: np.ndarray,
+                 start_logprobs: np.ndarray, metrics=None, label: str = ""):
+        self.budget, self.interval = budget_bytes, interval
+        self.start_state, self.start_logprobs = start_state, start_logprobs
+        greedy = int(np.argmax(start_logprobs))
+        self._first = (greedy, float(start_logprobs[greedy]))  # at every path's first token
+        self._clock = itertools.count(1)
+        self.root = _Node(None, np.empty(0, TOKEN), 0, 0)
+        self._heap: list[tuple[int, int, int, _Node]] = []  # (stamp, -depth, seq, node)
+        self._seq = itertools.count()
+        self.bytes = 0
+        self.nodes = 0
+        self.entries = 0  # nodes holding a state
+        self._claims: dict[int, dict[bytes, asyncio.Future]] = {}  # depth -> prefix -> done
+        self._metrics, self._label = metrics, label
+        if metrics is not None:
+            metrics.prefix_cache_budget.labels(label).set(budget_bytes)
+            self._publish()
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget > 0
+
+    # -- lookups --------------------------------------------------------------------------
+    def lookup(self, ids: np.ndarray) -> Hit:
+        """The longest prefix of `ids` in the tree and the deepest state stored along it.
+        Without one the start state serves (depth 1): every path starts after `<eos>`,
+        whose distribution gives the first token's values."""
+        n = len(ids)
+        pieces, visited = [], []
+        node, depth = self.root, 0
+        state_depth, state = 1, self.start_state
+        while depth < n and self.enabled:
+            child = node.children.get(int(ids[depth]))
+            if child is None:
+                break
+            edge = child.edge
+            ahead = ids[depth: depth + len(edge)]
+            same = edge["id"][: len(ahead)] == ahead
+            matched = len(ahead) if same.all() else int(np.argmin(same))
+            pieces.append(edge[:matched])
+            visited.append(child)
+            depth += matched
+            if matched < len(edge):
+                break
+            node = child
+            if child.state is not None:
+                state_depth, state = depth, child.state
+        for touched in reversed(visited):  # deepest first: ancestors end up more recent
+            self._touch(touched)
+        if depth == 0 and n:  # the first token's values come from the start distribution
+            first = token_rows(ids[:1], self.start_logprobs[ids[:1]], np.array([self._first[0]]),
+                               np.array([self._first[1]], np.float32))
+            pieces, depth = [first], 1
+        tokens = np.concatenate(pieces) if pieces else np.empty(0, TOKEN)
+        return Hit(depth, tokens, state_depth, state)
+
+    def note_lookup(self, looked_up: int, reused: int) -> None:
+        """A read's use of the tree: of the `looked_up` tokens it would run without the
+        cache (all but the last, after the free start state), `reused` did not run."""
+        if self._metrics is not None and self.enabled:
+            self._metrics.prefix_cache_lookups.labels(self._label,
+                                                      "hit" if reused else "miss").inc()
+            self._metrics.prefix_cache_lookup_tokens.labels(self._label).inc(looked_up)
+            self._metrics.prefix_cache_hit_tokens.labels(self._label).inc(reused)
+
+    # -- requests reading the same prefix at once -----------------------------------------
+    def claimed_beyond(self, ids: np.ndarray, depth: int) -> asyncio.Future | None:
+        """The deepest claim on a prefix of `ids` longer than `depth` tokens: its entry will
+        serve this request better than what the tree holds now."""
+        for claimed in sorted(self._claims, reverse=True):
+            if depth < claimed <= len(ids):
+                future = self._claims[claimed].get(ids[:claimed].tobytes())
+                if future is not None:
+                    return future
+        return None
+
+    def claim(self, ids: np.ndarray) -> asyncio.Future | None:
+        """Marks the prefix `ids` as being read by the caller, who calls `unclaim` when it
+        is stored (or the read failed); None if another request has claimed it already."""
+        if not self.enabled:
+            return None
+        key = ids.tobytes()
+        claims = self._claims.setdefault(len(ids), {})
+        if key in claims:
+            return None
+        claims[key] = future = asyncio.get_running_loop().create_future()
+        return future
+
+    def unclaim(self, ids: np.ndarray, future: asyncio.Future | None) -> None:
+        if future is None:
+            return
+        claims = self._claims.get(len(ids), {})
+        if claims.get(ids.tobytes()) is future:
+            del claims[ids.tobytes()]
+            if not claims:
+                del self._claims[len(ids)]
+        if not future.done():
+            future.set_result(None)
+
+    # -- inserts --------------------------------------------------------------------------
+    def insert(self, tokens: np.ndarray, states: dict[int, np.ndarray]) -> None:
+        """Adds the path of `tokens` (TOKEN rows) and `states` by depth (each the state
+        before the token at that depth: S(ids[:depth - 1])); what the tree holds already is
+        kept. Then evicts down to the budget."""
+        if not self.enabled or len(tokens) == 0:
+            return
+        ids = tokens["id"]
+        node, depth = self.root, 0
+        wanted = sorted(d for d in states if 1 < d <= len(tokens))  # depth 1: start state
+        path = []
+        while depth < len(tokens):
+            child = node.children.get(int(ids[depth]))
+            if child is None:  # the rest is new
+                child = self._add_child(node, tokens[depth:].copy())
+                path.append(child)
+                depth = child.depth
+                node = child
+                break
+            edge = child.edge
+            ahead = ids[depth: depth + len(edge)]
+            same = edge["id"][: len(ahead)] == ahead
+            matched = len(ahead) if same.all() else int(np.argmin(same))
+            if matched < len(edge):
+                child = self._split(child, matched)
+            path.append(child)
+            node, depth = child, child.depth
+        for want in wanted:  # a node at each state's depth, splitting edges where needed
+            holder = next(p for p in path if p.depth >= want)
+            if holder.depth > want:
+                holder = self._split(holder, want - holder.parent.depth)
+                path.insert(path.index(holder.children[int(ids[want])]), holder)
+            if holder.state is None:
+                holder.state = states[want]
+                self.entries += 1
+                self.bytes += states[want].nbytes + ARRAY_BYTES
+        for touched in reversed(path):
+            self._touch(touched)
+        self._evict()
+        self._publish()
+
+    def _add_child(self, parent: _Node, edge: np.ndarray) -> _Node:
+        child = _Node(parent, edge, parent.depth + len(edge), 0)
+        parent.children[int(edge["id"][0])] = child
+        self.nodes += 1
+        self.bytes += NODE_BYTES + edge.nbytes
+        return child
+
+    def _split(self, node: _Node, at: int) -> _Node:
+        """Cuts `node`'s edge after `at` tokens: returns the new node above it there (used
+        as recently as `node`, and shallower, so evicted after it)."""
+        parent = node.parent
+        middle = _Node(parent, node.edge[:at].copy(), parent.depth + at, node.stamp)
+        node.edge = node.edge[at:].copy()
+        parent.children[int(middle.edge["id"][0])] = middle
+        middle.children[int(node.edge["id"][0])] = node
+        node.parent = middle
+        self.nodes += 1
+        self.bytes += NODE_BYTES
+        self._push(middle)
+        return middle
+
+    # -- recency and eviction -------------------------------------------------------------
+    def _touch(self, node: _Node) -> None:
+        node.stamp = next(self._clock)
+        self._push(node)
+
+    def _push(self, node: _Node) -> None:
+        heapq.heappush(self._heap, (node.stamp, -node.depth, next(self._seq), node))
+        if len(self._heap) > 4 * self.nodes + 1024:  # stale entries: rebuild
+            self._heap = [(n.stamp, -n.depth, next(self._seq), n) for n in self._live()]
+            heapq.heapify(self._heap)
+
+    def _live(self):
+        pending = list(self.root.children.values())
+        while pending:
+            node = pending.pop()
+            yield node
+            pending.extend(node.children.values())
+
+    def _evict(self) -> None:
+        evicted = 0
+        while self.bytes > self.budget and self._heap:
+            stamp, _, _, node = heapq.heappop(self._heap)
+            if not node.alive or stamp != node.stamp:
+                continue  # stale entry
+            if node.children:  # not a leaf (cannot happen: see the module docstring)
+                continue
+            self._remove_leaf(node)
+            evicted += 1
+        if evicted and self._metrics is not None:
+            self._metrics.prefix_cache_evictions.labels(self._label).inc(evicted)
+
+    def _remove_leaf(self, node: _Node) -> None:
+        del node.parent.children[int(node.edge["id"][0])]
+        node.alive = False
+        self.nodes -= 1
+        self.bytes -= NODE_BYTES + node.edge.nbytes
+        if node.state is not None:
+            self.entries -= 1
+            self.bytes -= node.state.nbytes + ARRAY_BYTES
+            node.state = None
+
+    def clear(self) -> None:
+        for node in list(self._live()):
+            node.alive = False
+        self.root.children.clear()
+        self._heap.clear()
+        self.bytes = self.nodes = self.entries = 0
+        self._publish()
+
+    def _publish(self) -> None:
+        if self._metrics is not None:
+            self._metrics.prefix_cache_bytes.labels(self._label).set(self.bytes)
+            self._metrics.prefix_cache_entries.labels(self._label).set(self.entries)
