@@ -97,6 +97,27 @@ class StreamedScores:
 
 
 @dataclass(frozen=True)
+class LogLikelihood:
+    """A continuation given its context (lm-evaluation-harness's loglikelihood)."""
+
+    logprob: float  # natural log, summed over the continuation's tokens
+    token_count: int  # the continuation's
+    is_greedy: bool  # every continuation token was the most likely at its position
+    token_logprobs: list[float]
+    context_token_count: int
+    unknown_count: int  # words of context and continuation mapped to <unk>
+
+
+@dataclass(frozen=True)
+class RollingLogLikelihood:
+    """A whole document's log-likelihood (lm-evaluation-harness's loglikelihood_rolling)."""
+
+    logprob: float
+    token_count: int  # no closing <eos>
+    unknown_count: int
+
+
+@dataclass(frozen=True)
 class CompletionEvent:
     """A sample's next token, or (token None) its end: why, and its whole text."""
 
@@ -304,6 +325,34 @@ class RecurClient:
                                           add_eos=add_eos) for key, group in groups)
         for response in self.language_model.ScoreStream(requests, timeout=timeout):
             yield StreamedScores(response.id, [_score(s) for s in response.scores])
+
+    def loglikelihood(self, model: str, pairs: Sequence[tuple[TextOrIds | None, TextOrIds]],
+                      *, version: int = 0) -> list[LogLikelihood]:
+        """Per (context, continuation): the continuation's log-prob given `<eos>` + the
+        context (None or "": the start of a sentence), in order. Pairs sharing a context
+        read it once."""
+        messages = []
+        for context, continuation in pairs:
+            pair = pb.LogLikelihoodPair(continuation=text_or_ids(continuation))
+            if context is not None:
+                pair.context.CopyFrom(text_or_ids(context))
+            messages.append(pair)
+        request = pb.LogLikelihoodRequest(model=pb.ModelRef(name=model, version=version),
+                                          pairs=messages)
+        return [LogLikelihood(r.logprob, r.token_count, r.is_greedy, list(r.token_logprobs),
+                              r.context_token_count, r.unknown_count)
+                for r in self.language_model.LogLikelihood(request,
+                                                           timeout=self.timeout).results]
+
+    def loglikelihood_rolling(self, model: str, inputs: Sequence[TextOrIds], *,
+                              version: int = 0) -> list[RollingLogLikelihood]:
+        """Each whole document's log-likelihood (Score's total without the closing
+        `<eos>`), in order."""
+        request = pb.LogLikelihoodRollingRequest(model=pb.ModelRef(name=model, version=version),
+                                                 inputs=[text_or_ids(i) for i in inputs])
+        response = self.language_model.LogLikelihoodRolling(request, timeout=self.timeout)
+        return [RollingLogLikelihood(r.logprob, r.token_count, r.unknown_count)
+                for r in response.results]
 
     def complete(self, model: str, prompt: TextOrIds = "", *, version: int = 0,
                  max_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,

@@ -211,6 +211,55 @@ def score_stream(rng: random.Random, ctx: Context) -> Case:
     return Case("LanguageModel.ScoreStream", label, messages)
 
 
+def loglikelihood(rng: random.Random, ctx: Context) -> Case:
+    """Multiple-choice style: often several continuations of one context (read once, through
+    the prefix cache), sometimes none."""
+    contexts = [pb_input(rng) for _ in range(rng.choice([1, 1, 2]))]
+    message = pb.LogLikelihoodRequest(model=model_ref(rng, ctx, "lm"))
+    for _ in range(rng.choice([1, 2, 4, 8])):
+        pair = message.pairs.add(continuation=pb_input(rng))
+        if chance(rng, 0.85):
+            pair.context.CopyFrom(rng.choice(contexts))
+    limits = ctx.limits
+
+    def odd(rng, m):
+        pair = m.pairs[rng.randrange(len(m.pairs))] if m.pairs else m.pairs.add()
+        getattr(pair, rng.choice(["context", "continuation"])).CopyFrom(odd_input(rng))
+
+    def no_continuation(rng, m):
+        (m.pairs[0] if m.pairs else m.pairs.add()).ClearField("continuation")
+
+    def many(rng, m):
+        m.pairs.extend(pb.LogLikelihoodPair(continuation=pb_input(rng)) for _ in range(
+            rng.choice([limits.max_sequences + 1, limits.max_sequences * 4, 2000])))
+
+    def too_long(rng, m):  # context and continuation over the limit only together
+        half = limits.max_tokens // 2 + 1
+        m.pairs.add(context=pb.Input(token_ids=pb.TokenIds(ids=val.ids(rng, half, half))),
+                    continuation=pb.Input(token_ids=pb.TokenIds(ids=val.ids(rng, half, half))))
+
+    def no_pairs(rng, m):
+        m.ClearField("pairs")
+
+    def bad_text(m, s):
+        (m.pairs[0] if m.pairs else m.pairs.add()).continuation.text = s
+
+    request, label = mutated(rng, message, model_mutators("lm", ctx) + [
+        ("odd context or continuation", odd), ("odd context or continuation", odd),
+        ("no continuation", no_continuation), ("too many pairs", many),
+        ("context and continuation over max_tokens", too_long), ("no pairs", no_pairs),
+        ("invalid UTF-8 continuation", utf8(bad_text))])
+    return Case("LanguageModel.LogLikelihood", label, request)
+
+
+def loglikelihood_rolling(rng: random.Random, ctx: Context) -> Case:
+    message = pb.LogLikelihoodRollingRequest(
+        model=model_ref(rng, ctx, "lm"),
+        inputs=[pb_input(rng) for _ in range(rng.choice([1, 1, 2, 4]))])
+    request, label = mutated(rng, message, model_mutators("lm", ctx) + inputs_mutators(ctx))
+    return Case("LanguageModel.LogLikelihoodRolling", label, request)
+
+
 def _stops(rng: random.Random, count: int, length: int) -> list[str]:
     return [("".join(rng.choice("xyz ") for _ in range(8)) * (length // 8 + 1))[:length]
             for _ in range(count)]
@@ -769,6 +818,8 @@ class Generators:
         self.table = {
             "LanguageModel.Score": score,
             "LanguageModel.ScoreStream": score_stream,
+            "LanguageModel.LogLikelihood": loglikelihood,
+            "LanguageModel.LogLikelihoodRolling": loglikelihood_rolling,
             "LanguageModel.Complete": lambda rng, ctx: complete(rng, ctx, self.checks),
             "LanguageModel.CreateSession": create_session,
             "LanguageModel.Append": append,

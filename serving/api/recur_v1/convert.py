@@ -8,7 +8,7 @@ from serving.engine.decoding import EOS, LENGTH, STOP, FinishEvent, TokenEvent
 from serving.engine.errors import LimitExceeded
 from serving.engine.inputs import Encoded, Input
 from serving.engine.repository import LoadedModel
-from serving.engine.results import Classified, ModelId, Scored, SessionStep, Tagged
+from serving.engine.results import Classified, Likelihood, ModelId, Scored, SessionStep, Tagged
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 
 FINISH_REASONS = {EOS: pb.FINISH_REASON_EOS, LENGTH: pb.FINISH_REASON_LENGTH,
@@ -44,6 +44,26 @@ def to_inputs(messages, field: str) -> Sequence[Input | None]:
     return _Inputs(messages, field)
 
 
+class _Pairs(Sequence):
+    """A LogLikelihoodRequest's pairs as (context, continuation) Inputs, converted as they
+    are read (as _Inputs), each named `pairs[i].context` / `pairs[i].continuation`."""
+
+    def __init__(self, messages, field: str):
+        self._messages, self._field = messages, field
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __getitem__(self, index: int) -> tuple[Input | None, Input | None]:
+        pair, where = self._messages[index], f"{self._field}[{index}]"
+        return (to_input(pair.context, f"{where}.context"),
+                to_input(pair.continuation, f"{where}.continuation"))
+
+
+def to_pairs(messages, field: str) -> Sequence[tuple[Input | None, Input | None]]:
+    return _Pairs(messages, field)
+
+
 def model_ref(model: LoadedModel | ModelId) -> pb.ModelRef:
     return pb.ModelRef(name=model.name, version=model.version)
 
@@ -56,6 +76,18 @@ def sequence_score(scored: Scored) -> pb.SequenceScore:
                 for i, w, lp in zip(scored.ids, scored.words, scored.logprobs)],
         total_logprob=scored.total_logprob, token_count=scored.token_count,
         perplexity=scored.perplexity, unknown_count=scored.unknown)
+
+
+def log_likelihood(likelihood: Likelihood) -> pb.LogLikelihood:
+    return pb.LogLikelihood(
+        logprob=likelihood.logprob, token_count=likelihood.token_count,
+        is_greedy=likelihood.is_greedy, token_logprobs=likelihood.token_logprobs,
+        context_token_count=likelihood.context_tokens, unknown_count=likelihood.unknown)
+
+
+def rolling_log_likelihood(scored: Scored) -> pb.RollingLogLikelihood:
+    return pb.RollingLogLikelihood(logprob=scored.total_logprob,
+                                   token_count=scored.token_count, unknown_count=scored.unknown)
 
 
 def tagged_tokens(tagged: Tagged) -> list[pb.TaggedToken]:
@@ -121,6 +153,24 @@ def response_limit(max_bytes: int, field: str, extra_tokens: int = 0,
 
     def check(encoded: Sequence[Encoded]) -> None:
         size = response_bytes(encoded, extra_tokens, token_text_bytes)
+        if size > max_bytes:
+            raise LimitExceeded("max_message_bytes", size, max_bytes, field,
+                                "a response of up to ", " bytes")
+
+    return check
+
+
+# a LogLikelihood result's bytes beside its token log-probs (5 bytes each: a packed float
+# and its share of the field), bounded from above: its numbers, their tags, the framing
+LIKELIHOOD_BYTES = 48
+
+
+def likelihood_limit(max_bytes: int, field: str):
+    """A Check (of the tokenized continuations) refusing LogLikelihood requests whose
+    response could exceed `max_bytes`, before anything runs."""
+
+    def check(continuations: Sequence[Encoded]) -> None:
+        size = sum(LIKELIHOOD_BYTES + 5 * len(c.ids) for c in continuations) + 64
         if size > max_bytes:
             raise LimitExceeded("max_message_bytes", size, max_bytes, field,
                                 "a response of up to ", " bytes")

@@ -1,4 +1,5 @@
-"""recur.v1.LanguageModel: Score, ScoreStream, Complete and the session calls."""
+"""recur.v1.LanguageModel: Score, ScoreStream, LogLikelihood(Rolling), Complete and the
+session calls."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import grpc
 from serving.api.recur_v1.convert import (
     TOKEN_OVERHEAD,
     completion_message,
+    likelihood_limit,
+    log_likelihood,
     model_ref,
     response_limit,
+    rolling_log_likelihood,
     sequence_score,
     session_response,
     to_input,
     to_inputs,
+    to_pairs,
 )
 from serving.api.rpc.auth import peer_of
 from serving.api.rpc.handlers import message, record, rpc, until_closing
@@ -134,6 +139,27 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
             while not ordered.empty():
                 if (item := ordered.get_nowait()) is not None:
                     item[3].cancel()
+
+    # -- log-likelihoods ------------------------------------------------------------------
+    @rpc(SERVICE)
+    async def LogLikelihood(self, request: pb.LogLikelihoodRequest,
+                            context) -> pb.LogLikelihoodResponse:
+        model = self.engine.model(request.model.name, request.model.version, "lm")
+        likelihoods = await self.engine.loglikelihood(
+            model, to_pairs(request.pairs, "pairs"), field="pairs",
+            check=likelihood_limit(self.max_message_bytes, "pairs"))
+        response = pb.LogLikelihoodResponse(results=[log_likelihood(x) for x in likelihoods],
+                                            model=model_ref(model))
+        return response
+
+    @rpc(SERVICE)
+    async def LogLikelihoodRolling(self, request: pb.LogLikelihoodRollingRequest,
+                                   context) -> pb.LogLikelihoodRollingResponse:
+        model = self.engine.model(request.model.name, request.model.version, "lm")
+        scores = await self.engine.loglikelihood_rolling(
+            model, to_inputs(request.inputs, "inputs"), field="inputs")
+        return pb.LogLikelihoodRollingResponse(
+            results=[rolling_log_likelihood(s) for s in scores], model=model_ref(model))
 
     # -- completion -----------------------------------------------------------------------
     @rpc(SERVICE)

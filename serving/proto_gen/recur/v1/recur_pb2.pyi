@@ -102,6 +102,72 @@ class ScoreStreamResponse(_message.Message):
     scores: _containers.RepeatedCompositeFieldContainer[SequenceScore]
     def __init__(self, id: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[SequenceScore, _Mapping]]] = ...) -> None: ...
 
+class LogLikelihoodPair(_message.Message):
+    __slots__ = ("context", "continuation")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    context: Input
+    continuation: Input
+    def __init__(self, context: _Optional[_Union[Input, _Mapping]] = ..., continuation: _Optional[_Union[Input, _Mapping]] = ...) -> None: ...
+
+class LogLikelihoodRequest(_message.Message):
+    __slots__ = ("model", "pairs")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    pairs: _containers.RepeatedCompositeFieldContainer[LogLikelihoodPair]
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., pairs: _Optional[_Iterable[_Union[LogLikelihoodPair, _Mapping]]] = ...) -> None: ...
+
+class LogLikelihood(_message.Message):
+    __slots__ = ("logprob", "token_count", "is_greedy", "token_logprobs", "context_token_count", "unknown_count")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    IS_GREEDY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    token_count: int
+    is_greedy: bool
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    context_token_count: int
+    unknown_count: int
+    def __init__(self, logprob: _Optional[float] = ..., token_count: _Optional[int] = ..., is_greedy: _Optional[bool] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., context_token_count: _Optional[int] = ..., unknown_count: _Optional[int] = ...) -> None: ...
+
+class LogLikelihoodResponse(_message.Message):
+    __slots__ = ("results", "model")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[LogLikelihood]
+    model: ModelRef
+    def __init__(self, results: _Optional[_Iterable[_Union[LogLikelihood, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+
+class LogLikelihoodRollingRequest(_message.Message):
+    __slots__ = ("model", "inputs")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    inputs: _containers.RepeatedCompositeFieldContainer[Input]
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ...) -> None: ...
+
+class RollingLogLikelihood(_message.Message):
+    __slots__ = ("logprob", "token_count", "unknown_count")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    token_count: int
+    unknown_count: int
+    def __init__(self, logprob: _Optional[float] = ..., token_count: _Optional[int] = ..., unknown_count: _Optional[int] = ...) -> None: ...
+
+class LogLikelihoodRollingResponse(_message.Message):
+    __slots__ = ("results", "model")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RollingLogLikelihood]
+    model: ModelRef
+    def __init__(self, results: _Optional[_Iterable[_Union[RollingLogLikelihood, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+
 class CompleteRequest(_message.Message):
     __slots__ = ("model", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "n", "stop", "stop_token_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]

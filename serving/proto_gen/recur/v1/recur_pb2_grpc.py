@@ -49,6 +49,16 @@ class LanguageModelStub:
                 request_serializer=recur_dot_v1_dot_recur__pb2.ScoreStreamRequest.SerializeToString,
                 response_deserializer=recur_dot_v1_dot_recur__pb2.ScoreStreamResponse.FromString,
                 _registered_method=True)
+        self.LogLikelihood = channel.unary_unary(
+                '/recur.v1.LanguageModel/LogLikelihood',
+                request_serializer=recur_dot_v1_dot_recur__pb2.LogLikelihoodRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.LogLikelihoodResponse.FromString,
+                _registered_method=True)
+        self.LogLikelihoodRolling = channel.unary_unary(
+                '/recur.v1.LanguageModel/LogLikelihoodRolling',
+                request_serializer=recur_dot_v1_dot_recur__pb2.LogLikelihoodRollingRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.LogLikelihoodRollingResponse.FromString,
+                _registered_method=True)
         self.Complete = channel.unary_stream(
                 '/recur.v1.LanguageModel/Complete',
                 request_serializer=recur_dot_v1_dot_recur__pb2.CompleteRequest.SerializeToString,
@@ -99,6 +109,23 @@ class LanguageModelServicer:
     def ScoreStream(self, request_iterator, context):
         """For large jobs: results come back in order with the caller's ids, and the server reads
         ahead at most `stream_window` sequences, so flow control bounds its memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogLikelihood(self, request, context):
+        """lm-evaluation-harness's loglikelihood: per (context, continuation) pair, the sum of the
+        continuation's token log-probs given <eos> + the context, their count, and whether each
+        was the most likely token at its position. Pairs sharing a context read it once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogLikelihoodRolling(self, request, context):
+        """lm-evaluation-harness's loglikelihood_rolling: whole documents, every token given <eos>
+        and all the tokens before it, no closing <eos> (Score's numbers with add_eos false).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,6 +186,16 @@ def add_LanguageModelServicer_to_server(servicer, server):
                     servicer.ScoreStream,
                     request_deserializer=recur_dot_v1_dot_recur__pb2.ScoreStreamRequest.FromString,
                     response_serializer=recur_dot_v1_dot_recur__pb2.ScoreStreamResponse.SerializeToString,
+            ),
+            'LogLikelihood': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogLikelihood,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.LogLikelihoodRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.LogLikelihoodResponse.SerializeToString,
+            ),
+            'LogLikelihoodRolling': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogLikelihoodRolling,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.LogLikelihoodRollingRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.LogLikelihoodRollingResponse.SerializeToString,
             ),
             'Complete': grpc.unary_stream_rpc_method_handler(
                     servicer.Complete,
@@ -250,6 +287,60 @@ class LanguageModel:
             '/recur.v1.LanguageModel/ScoreStream',
             recur_dot_v1_dot_recur__pb2.ScoreStreamRequest.SerializeToString,
             recur_dot_v1_dot_recur__pb2.ScoreStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogLikelihood(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.LanguageModel/LogLikelihood',
+            recur_dot_v1_dot_recur__pb2.LogLikelihoodRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.LogLikelihoodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogLikelihoodRolling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.LanguageModel/LogLikelihoodRolling',
+            recur_dot_v1_dot_recur__pb2.LogLikelihoodRollingRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.LogLikelihoodRollingResponse.FromString,
             options,
             channel_credentials,
             insecure,
