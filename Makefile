@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 RECIPE ?= ptb-lstm
 
-.PHONY: install proto test test-gpu lint demo bench bench-train bench-export bench-serve bench-gpu fuzz soak clean
+.PHONY: install proto test test-gpu lint demo bench bench-train bench-export bench-serve bench-cache bench-gpu fuzz soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,7 @@ demo: install
 	done
 	$(BIN)/python tools/demo.py runs/models data/synth
 
-bench: bench-export bench-serve bench-train
+bench: bench-export bench-serve bench-cache bench-train
 
 # One recipe per run (long: needs an otherwise idle machine); results merged into bench/results/train.json.
 bench-train: install
@@ -69,6 +69,11 @@ bench-export: install
 # The gRPC server against the runtime in process (a few minutes): latency, batching, streams.
 bench-serve: install
 	$(BIN)/python -m bench.serve
+
+# The prefix cache on against off, two servers taking turns (under 10 minutes): multiple
+# choice, completions sharing a prompt, memory per entry, a mixed workload's hit rate.
+bench-cache: install
+	$(BIN)/python -m bench.cache
 
 # The Loop graph on ONNX Runtime's CUDA provider against torch eager on CUDA (needs a GPU).
 bench-gpu: install

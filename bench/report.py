@@ -5,6 +5,7 @@ report is stale)."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from bench.common import REPO, RESULTS
@@ -152,6 +153,80 @@ def serve_section(report: dict, cuda: dict | None) -> list[str]:
     return rows
 
 
+def cache_section(report: dict) -> list[str]:
+    mc, sp, mem, mix = (report["multiple_choice"], report["shared_prompt"], report["memory"],
+                        report["mixed"])
+    met = "met" if mc["target_met"] else "not met"
+    per_context = [statistics.median(mc[side]["tokens_run"]) / mc["contexts_per_round"]
+                   for side in ("off", "on")]
+    low, high = min(mc["speedup_per_round"]), max(mc["speedup_per_round"])
+    return [
+        "## Prefix cache (`make bench-cache`)", "",
+        "bench/serve.py's LSTM (2 x 650, V = 10,000, random weights) in two `recur serve` "
+        f"processes, one with the default prefix cache ({mix['budget_bytes'] / 2**20:.0f} "
+        "MiB), one with "
+        "`--prefix-cache-mib 0`, loaded one at a time in alternating rounds, each round on "
+        "fresh random token ids so the cache starts cold for its contexts and prompts "
+        "(`bench/cache.py`). Tokens run are the servers' `recur_executed_tokens_total`; "
+        "figures are medians over the rounds, ratios medians of the per-round ratios.", "",
+        "| measure | cache off | cache on | off / on | target |", "|---|---|---|---|---|",
+        f"| multiple choice: contexts/s ({mc['contexts_per_round']} contexts of "
+        f"{mc['context_tokens'][0]}-{mc['context_tokens'][1]} tokens per round, "
+        f"{mc['choices']} continuations of {mc['continuation_tokens'][0]}-"
+        f"{mc['continuation_tokens'][1]}, one LogLikelihood request each, "
+        f"{mc['in_flight']} in flight) | {mc['off_contexts_per_s']:,.1f} | "
+        f"{mc['on_contexts_per_s']:,.1f} | {mc['speedup']:.2f}x (rounds {low:.2f}-"
+        f"{high:.2f}) | >= {mc['target']:g}x ({met}) |",
+        f"| ... tokens run per context | {per_context[0]:,.0f} | {per_context[1]:,.0f} | "
+        f"{mc['tokens_run_ratio']:.2f}x | |",
+        f"| ... tokens run per second | {mc['off_tokens_run_per_s']:,.0f} | "
+        f"{mc['on_tokens_run_per_s']:,.0f} | "
+        f"{mc['off_tokens_run_per_s'] / mc['on_tokens_run_per_s']:.2f}x | |",
+        f"| {sp['completions']} concurrent completions of one {sp['prompt_tokens']}-token "
+        f"prompt ({sp['max_tokens']} tokens each): first token p50 | "
+        f"{sp['off_first_token_ms_p50']:,.0f} ms | {sp['on_first_token_ms_p50']:,.0f} ms | "
+        f"{sp['first_token_p50_speedup']:.1f}x | |",
+        f"| ... first token p90 | {sp['off_first_token_ms_p90']:,.0f} ms | "
+        f"{sp['on_first_token_ms_p90']:,.0f} ms | {sp['first_token_p90_speedup']:.1f}x | |",
+        f"| ... all {sp['completions']} done | {sp['off_wall_ms']:,.0f} ms | "
+        f"{sp['on_wall_ms']:,.0f} ms | {sp['wall_speedup']:.1f}x | |",
+        f"| ... tokens run (prompts and decoding) | {sp['off_tokens_run']:,.0f} | "
+        f"{sp['on_tokens_run']:,.0f} | {sp['tokens_run_ratio']:.1f}x | |",
+        "", f"{mc['rounds']} rounds ({mc['contexts_per_side']:,} contexts per side in all); "
+        f"{report['machine']}, {report['date']}.", "",
+        "Reading it: without the cache each of a context's continuations reads the context "
+        "again from the start; with it the context runs once and each continuation alone, "
+        "so the tokens run fall by the ratio in the second row: at these lengths, "
+        "4 x (100 + 10 - 1) / (100 - 1 + 4 x 10), about 3.1x, the most the cache can save. "
+        "The speedup is that ratio over the ratio of the two sides' tokens run per second "
+        "(the on side runs each continuation as a short row after its context, the off "
+        "side long rows). Concurrent completions of one prompt read it once: the "
+        "first request claims it, the others wait for its entry and run one token each.", "",
+        f"Memory, measured in process with tracemalloc against the cache's own accounting "
+        f"({mem['with_states']['paths']:,} paths of 100 random tokens): an entry (a "
+        f"{mem['state_shape'][0]} x {mem['state_shape'][1]} float32 state, "
+        f"{mem['state_bytes']:,} bytes, with its node and path) "
+        f"{mem['bytes_per_entry_measured']:,.0f} bytes (accounted "
+        f"{mem['bytes_per_entry_accounted']:,.0f}); a cached token without a state "
+        f"{mem['bytes_per_token_measured']:.1f} bytes (accounted "
+        f"{mem['bytes_per_token_accounted']:.1f}): a node's own overhead "
+        f"{mem['node_bytes_measured']:.0f} bytes against {mem['node_bytes_accounted']} "
+        f"accounted; measured / accounted {mem['measured_vs_accounted_with_states']:.3f} "
+        f"with states, {mem['measured_vs_accounted_without_states']:.3f} without.", "",
+        f"A mixed workload on the cache-on server ({mix['requests']:,} requests, "
+        f"{mix['in_flight']} in flight, interleaved at random: 40% completions of one of 4 "
+        "shared 60-token system prompts plus a fresh 10-30-token user turn, 30% multiple "
+        "choice as above, 20% Score of fresh 20-40-token sentences, 10% sessions created "
+        "with a system prompt, then one Append): hit rate "
+        f"{100 * mix['hit_rate']:.1f}% of the {mix['lookup_tokens']:,} tokens its reads "
+        f"would run without the cache ({mix['lookups_hit']:,} reads hit, "
+        f"{mix['lookups_miss']:,} missed); {mix['entries_added']:,} entries and "
+        f"{mix['cached_bytes_added'] / 2**20:.1f} MiB added, "
+        f"{mix['cached_bytes_end'] / 2**20:.1f} MiB of {mix['budget_bytes'] / 2**20:.0f} MiB "
+        f"held at the end with the earlier rounds' entries, {mix['evictions']:,} "
+        "evictions."]
+
+
 def gpu_section(report: dict) -> list[str]:
     rows = ["## The Loop graph on CUDA (`make bench-gpu`)", "",
             "The exported graph through the serving runtime on ONNX Runtime's CUDA provider "
@@ -244,6 +319,8 @@ def render(results: Path = RESULTS) -> str:
             parts.append(section(data))
     if (serve := _load("serve", results)) is not None:
         parts.append(serve_section(serve, _load("serve-cuda", results)))
+    if (cache := _load("cache", results)) is not None:
+        parts.append(cache_section(cache))
     for name, section in (("gpu", gpu_section), ("soak", soak_section),
                           ("fuzz", fuzz_section)):
         if (data := _load(name, results)) is not None:

@@ -11,7 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-BENCHMARKS = ["bench.train", "bench.export", "bench.serve", "bench.gpu", "bench.soak"]
+BENCHMARKS = ["bench.train", "bench.export", "bench.serve", "bench.cache", "bench.gpu",
+              "bench.soak"]
 
 
 @pytest.mark.parametrize("module", BENCHMARKS)
@@ -45,6 +46,17 @@ def test_bench_gpu_loop_reference_adds_once_per_node_and_step(nodes):
     state = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
     (out,) = session.run(None, {"x": np.zeros((7, 1), np.float32), "h0": state})
     np.testing.assert_allclose(out, state + 7 * nodes, rtol=1e-6)
+
+
+def test_bench_cache_measures_what_the_prefix_cache_accounts_for():
+    from bench.cache import cache_memory
+
+    with_states = cache_memory(50, 20, (2, 6), 1000, True)
+    bare = cache_memory(50, 20, (2, 6), 1000, False)
+    assert with_states["entries"] == 50 and bare["entries"] == 0
+    assert with_states["nodes"] == bare["nodes"] >= 50  # the same paths, so the same tree
+    for result in (with_states, bare):
+        assert 0.75 <= result["measured_bytes"] / result["accounted_bytes"] <= 1.25
 
 
 def test_the_report_is_what_the_results_make():
