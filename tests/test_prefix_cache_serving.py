@@ -139,6 +139,26 @@ def test_a_read_runs_only_what_extends_the_cached_prefix(servers, vocab_size):
     assert moved(before)[:2] == (4, 31)  # from the state at 32: tokens 32 to 35
 
 
+def test_prompts_that_share_a_system_prompt_share_its_state(model_repository, vocab_size):
+    """The second chat leaves the tree where the system prompt it shares with the first
+    ends, and stores a state there; the third runs only from there."""
+    label = f"{MODEL}/1"
+    rng = np.random.default_rng(11)
+    system = rng.integers(3, vocab_size, 40).tolist()
+    turns = [[3 + i] + rng.integers(3, vocab_size, 5).tolist() for i in range(3)]
+    server = RunningServer(model_repository)  # the default interval (256): no state at 16
+    try:
+        ran = []
+        for turn in turns:
+            before = server.metric("recur_executed_tokens_total", model=label)
+            list(server.client.complete(MODEL, system + turn, max_tokens=1, seed=0))
+            ran.append(server.metric("recur_executed_tokens_total", model=label) - before)
+    finally:
+        server.stop()
+    # the third: from the state before the system prompt's last token, six, then its last
+    assert ran == [46, 46, 7]
+
+
 def test_concurrent_requests_for_one_prompt_read_it_once(servers, vocab_size):
     server = servers["on"]
     label = f"{MODEL}/1"

@@ -65,6 +65,10 @@ class Read:
 
 # how many times a read waits for other requests' claims before reading for itself
 MAX_CLAIM_WAITS = 3
+# a read that shares at least this many tokens with the tree beyond its deepest state
+# (a system prompt that earlier chats continued differently) stores a state where it
+# leaves the tree, for the next request there; a shorter branch is not worth a state
+MIN_BRANCH_TOKENS = 16
 
 
 async def read(model: LoadedModel, ids: np.ndarray, chunk: int, *, store_end: bool,
@@ -74,7 +78,9 @@ async def read(model: LoadedModel, ids: np.ndarray, chunk: int, *, store_end: bo
     `chunk` tokens that end at multiples of the cache's interval (each such state is
     stored). `store_end`: the state before the last token is stored too (the end of a
     prompt, a prefix, a scored context); `need_state`: it is returned (Read.before_last).
-    A read that another request is computing a longer prefix of waits for its entry."""
+    Where the read leaves the tree after MIN_BRANCH_TOKENS or more tokens it shares with it
+    beyond its deepest state, a state is stored too. A read that another request is
+    computing a longer prefix of waits for its entry."""
     cache = model.prefix_cache
     n = len(ids)
     for _ in range(MAX_CLAIM_WAITS + 1):
@@ -92,14 +98,17 @@ async def read(model: LoadedModel, ids: np.ndarray, chunk: int, *, store_end: bo
     try:
         pieces, states = [hit.tokens[:depth]], {}
         interval = cache.interval
+        branch = hit.known if depth + MIN_BRANCH_TOKENS <= hit.known < n else 0
         at = depth
         while at < n:
             stop = min(n, at + chunk, (at // interval + 1) * interval)
+            if at < branch < stop:
+                stop = branch
             result = await model.scheduler.run(ids[at - 1 : stop - 1], state, ids[at:stop])
             state = result.state
             pieces.append(token_rows(ids[at:stop], result.outputs, result.greedy_ids,
                                      result.greedy_logprobs))
-            if stop % interval == 0 or (stop == n and store_end):
+            if stop % interval == 0 or stop == branch or (stop == n and store_end):
                 states[stop] = state
             at = stop
         tokens = np.concatenate(pieces)
