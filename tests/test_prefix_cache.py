@@ -10,7 +10,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.engine.prefix_cache import ARRAY_BYTES, NODE_BYTES, TOKEN, PrefixCache, token_rows
+from serving.engine.prefix_cache import (
+    ARRAY_BYTES,
+    NODE_BYTES,
+    TOKEN,
+    PrefixCache,
+    prefix_hashes,
+    token_rows,
+)
 
 START = np.full((2, 3), -1.0, np.float32)
 START_LOGPROBS = np.log(np.full(5, 0.2, np.float32))
@@ -34,7 +41,8 @@ def state_of(prefix: tuple[int, ...]) -> np.ndarray:
 def accounted(cache: PrefixCache) -> int:
     total = 0
     for node in cache._live():
-        total += NODE_BYTES + node.edge.nbytes
+        total += NODE_BYTES + node.edge.nbytes + 4 * len(node.edge)
+        assert node.key == node.edge["id"].astype("<i4").tobytes()
         if node.state is not None:
             total += node.state.nbytes + ARRAY_BYTES
     return total
@@ -58,7 +66,9 @@ def test_lookups_give_what_was_stored_for_their_prefix(ops, budget):
         hit = cache.lookup(np.array(ids))
         # recency: an ancestor is never less recently used than a descendant, so the least
         # recently used node is a leaf
-        assert all(node.stamp >= child.stamp for node in cache._live()
+        position = {node: i for i, node in enumerate(cache._order)}
+        assert len(position) == cache.nodes
+        assert all(position[node] > position[child] for node in cache._live()
                    for child in node.children.values())
         assert 1 <= hit.known <= len(ids) and len(hit.tokens) == hit.known
         expected = rows(ids)[: hit.known]
@@ -91,7 +101,7 @@ def test_a_stored_state_serves_every_extension_of_its_prefix():
 
 
 def test_the_least_recently_used_leaves_go_first():
-    one_entry = NODE_BYTES + 4 * TOKEN.itemsize + START.nbytes + ARRAY_BYTES
+    one_entry = NODE_BYTES + 4 * (TOKEN.itemsize + 4) + START.nbytes + ARRAY_BYTES
     cache = PrefixCache(2 * one_entry, 256, START, START_LOGPROBS)
     cache.insert(rows([1, 1, 1, 1]), {4: state_of((1, 1, 1))})
     cache.insert(rows([2, 2, 2, 2]), {4: state_of((2, 2, 2))})
@@ -109,3 +119,34 @@ def test_off_stores_nothing():
     assert cache.nodes == cache.bytes == 0
     hit = cache.lookup(np.array([1, 2, 3]))
     assert (hit.known, hit.state_depth) == (1, 1)
+
+
+@settings(deadline=None, derandomize=True, max_examples=100)
+@given(st.lists(st.integers(0, 3), max_size=30), st.lists(st.integers(0, 3), max_size=30))
+def test_a_prefix_hash_is_the_prefix_s_own(a, b):
+    hashes_a, hashes_b = prefix_hashes(np.array(a, np.int64)), prefix_hashes(
+        np.array(b, np.int64))
+    for i in range(len(a) + 1):
+        for j in range(len(b) + 1):
+            if a[:i] == b[:j]:
+                assert hashes_a[i] == hashes_b[j]
+
+
+async def _claims() -> None:
+    cache = PrefixCache(1 << 20, 256, START, START_LOGPROBS)
+    prompt = np.array([1, 2, 3, 4, 5])
+    future = cache.claim(prompt)
+    assert future is not None and cache.claim(prompt) is None  # one claim a prefix
+    assert cache.claimed_beyond(np.array([1, 2, 3, 4, 5, 6]), 1) is future
+    assert cache.claimed_beyond(np.array([1, 2, 3, 4, 5, 6]), 5) is None  # not beyond
+    assert cache.claimed_beyond(np.array([1, 2, 3, 4, 0, 6]), 1) is None  # another prefix
+    assert cache.claimed_beyond(prompt[:4], 1) is None  # longer than the read
+    cache.unclaim(prompt, future)
+    assert future.done() and cache.claimed_beyond(prompt, 1) is None
+    assert not cache._claims and not cache._claim_lengths
+
+
+def test_claims_are_found_only_by_reads_that_extend_them():
+    import asyncio
+
+    asyncio.run(_claims())

@@ -215,16 +215,16 @@ class Engine:
         if add_eos:
             ids, words = np.append(ids, vocab.eos_id), words + [vocab.tokens[vocab.eos_id]]
         alternatives = None
-        read = None
-        if top <= 1:  # the graph gives each position's most likely token beside its own
+        if top == 0 or (top == 1 and model.runtime.has_greedy):
+            # one pass: the graph gives each position's most likely token beside its own
             read = await operations.score(model, ids, self.config.chunk_tokens,
                                           store_end=not add_eos)
             logprobs = read.logprobs.tolist()
-        if top == 1 and read.has_greedy:
-            alternatives = [[(int(i), vocab.tokens[i], float(lp))]
-                            for i, lp in zip(read.tokens["greedy_id"],
-                                             read.tokens["greedy_logprob"], strict=True)]
-        elif top:
+            if top:
+                alternatives = [[(int(i), vocab.tokens[i], float(lp))]
+                                for i, lp in zip(read.tokens["greedy_id"],
+                                                 read.tokens["greedy_logprob"], strict=True)]
+        else:
             logprobs, ranked = await operations.score_ranked(model, ids, top)
             alternatives = [[(i, vocab.tokens[i], lp) for i, lp in row] for row in ranked]
         self.metrics.tokens.labels(model.label, "scored").inc(len(ids))

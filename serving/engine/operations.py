@@ -83,14 +83,18 @@ async def read(model: LoadedModel, ids: np.ndarray, chunk: int, *, store_end: bo
     computing a longer prefix of waits for its entry."""
     cache = model.prefix_cache
     n = len(ids)
-    for _ in range(MAX_CLAIM_WAITS + 1):
+    waits = 0
+    while True:
         hit = cache.lookup(ids)
         if hit.known == n and (not need_state or hit.state_depth == n):
             cache.note_lookup(n - 1, n - 1)
+            await asyncio.sleep(0)  # a request of many cached reads gives the loop turns
             return Read(hit.tokens, hit.state if need_state else None, 0)
-        claimed = cache.claimed_beyond(ids, hit.state_depth)
+        claimed = (cache.claimed_beyond(ids, hit.state_depth)
+                   if waits < MAX_CLAIM_WAITS else None)
         if claimed is None:
             break
+        waits += 1
         await asyncio.shield(claimed)  # then look again: its entry is in the tree
     depth, state = hit.state_depth, hit.state
     cache.note_lookup(n - 1, depth - 1)

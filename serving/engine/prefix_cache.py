@@ -36,8 +36,8 @@ that fits (vLLM's and SGLang's prefix caches are tied to their KV-block allocato
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,10 +45,27 @@ import numpy as np
 # per token: its id, its log-prob, the most likely id there and its log-prob
 TOKEN = np.dtype([("id", "<i4"), ("logprob", "<f4"), ("greedy_id", "<i4"),
                   ("greedy_logprob", "<f4")])
-# bytes of a node beside its tokens and state: the object, its children dict and the array
-# headers (measured with tracemalloc by bench/cache.py, which reports both)
-NODE_BYTES = 480
-ARRAY_BYTES = 112  # a state array's header
+# bytes of a node beside its tokens and state: the object, its children dict, its array
+# header and its place in the recency order (measured with tracemalloc by bench/cache.py,
+# which reports both)
+NODE_BYTES = 420
+ARRAY_BYTES = 128  # a state array's header
+# claims are found by a polynomial hash of the prefix (mod 2^64, a secret odd base per
+# process, so a client cannot aim collisions), verified on a match
+_BASE = secrets.randbits(64) | 1
+_HASH_BASE, _HASH_INVERSE = np.uint64(_BASE), np.uint64(pow(_BASE, -1, 1 << 64))
+
+
+def prefix_hashes(ids: np.ndarray) -> np.ndarray:
+    """h[i], a hash of ids[:i], for every i at once (O(n) in numpy): h[i] is the sum over
+    j < i of (ids[j] + 1) * B^(i - j - 1), all mod 2^64."""
+    n = len(ids)
+    hashes = np.zeros(n + 1, np.uint64)
+    with np.errstate(over="ignore"):
+        up = np.cumprod(np.full(n, _HASH_BASE, np.uint64))  # B^1 .. B^n
+        down = np.cumprod(np.full(n, _HASH_INVERSE, np.uint64))  # B^-1 .. B^-n
+        hashes[1:] = np.cumsum((ids.astype(np.uint64) + np.uint64(1)) * down) * up
+    return hashes
 
 
 def token_rows(ids: np.ndarray, logprobs: np.ndarray, greedy_ids: np.ndarray | None,
@@ -62,16 +79,15 @@ def token_rows(ids: np.ndarray, logprobs: np.ndarray, greedy_ids: np.ndarray | N
 
 
 class _Node:
-    __slots__ = ("parent", "edge", "children", "state", "depth", "stamp", "alive")
+    __slots__ = ("parent", "edge", "key", "children", "state", "depth")
 
-    def __init__(self, parent: _Node | None, edge: np.ndarray, depth: int, stamp: int):
+    def __init__(self, parent: _Node | None, edge: np.ndarray, depth: int):
         self.parent = parent
         self.edge = edge  # TOKEN rows from the parent to this node
+        self.key = _key(edge["id"])  # their ids as bytes: one comparison a node
         self.children: dict[int, _Node] = {}  # by the first token id of their edge
         self.state: np.ndarray | None = None  # [L, S]: before this node's last token
         self.depth = depth  # tokens from the root to the end of `edge`
-        self.stamp = stamp  # when last used
-        self.alive = True
 
 
 @dataclass
@@ -93,14 +109,14 @@ class PrefixCache:
         self.start_state, self.start_logprobs = start_state, start_logprobs
         greedy = int(np.argmax(start_logprobs))
         self._first = (greedy, float(start_logprobs[greedy]))  # at every path's first token
-        self._clock = itertools.count(1)
-        self.root = _Node(None, np.empty(0, TOKEN), 0, 0)
-        self._heap: list[tuple[int, int, int, _Node]] = []  # (stamp, -depth, seq, node)
-        self._seq = itertools.count()
+        self.root = _Node(None, np.empty(0, TOKEN), 0)
+        self._order: OrderedDict[_Node, None] = OrderedDict()  # least recently used first
         self.bytes = 0
         self.nodes = 0
         self.entries = 0  # nodes holding a state
-        self._claims: dict[int, dict[bytes, asyncio.Future]] = {}  # depth -> prefix -> done
+        # prefixes being read: (length, hash) -> (ids, done); and how many at each length
+        self._claims: dict[tuple[int, int], tuple[np.ndarray, asyncio.Future]] = {}
+        self._claim_lengths: dict[int, int] = {}
         self._metrics, self._label = metrics, label
         if metrics is not None:
             metrics.prefix_cache_budget.labels(label).set(budget_bytes)
@@ -119,22 +135,28 @@ class PrefixCache:
         pieces, visited = [], []
         node, depth = self.root, 0
         state_depth, state = 1, self.start_state
-        while depth < n and self.enabled:
-            child = node.children.get(int(ids[depth]))
+        key = _key(ids) if self.enabled else b""
+        first_ids = ids.tolist() if self.enabled else []
+        while depth < n and self.enabled:  # a few microseconds a node on the path
+            child = node.children.get(first_ids[depth])
             if child is None:
                 break
             edge = child.edge
-            ahead = ids[depth: depth + len(edge)]
+            if key.startswith(child.key, 4 * depth):
+                pieces.append(edge)
+                visited.append(child)
+                depth += len(edge)
+                node = child
+                if child.state is not None:
+                    state_depth, state = depth, child.state
+                continue
+            ahead = ids[depth: depth + len(edge)]  # a partial match: where it ends
             same = edge["id"][: len(ahead)] == ahead
             matched = len(ahead) if same.all() else int(np.argmin(same))
             pieces.append(edge[:matched])
             visited.append(child)
             depth += matched
-            if matched < len(edge):
-                break
-            node = child
-            if child.state is not None:
-                state_depth, state = depth, child.state
+            break
         for touched in reversed(visited):  # deepest first: ancestors end up more recent
             self._touch(touched)
         if depth == 0 and n:  # the first token's values come from the start distribution
@@ -156,34 +178,42 @@ class PrefixCache:
     # -- requests reading the same prefix at once -----------------------------------------
     def claimed_beyond(self, ids: np.ndarray, depth: int) -> asyncio.Future | None:
         """The deepest claim on a prefix of `ids` longer than `depth` tokens: its entry will
-        serve this request better than what the tree holds now."""
-        for claimed in sorted(self._claims, reverse=True):
-            if depth < claimed <= len(ids):
-                future = self._claims[claimed].get(ids[:claimed].tobytes())
-                if future is not None:
-                    return future
+        serve this request better than what the tree holds now. One hash lookup per
+        distinct length claimed."""
+        lengths = [k for k in self._claim_lengths if depth < k <= len(ids)]
+        if not lengths:
+            return None
+        hashes = prefix_hashes(ids)
+        for length in sorted(lengths, reverse=True):
+            claimed = self._claims.get((length, int(hashes[length])))
+            if claimed is not None and np.array_equal(claimed[0], ids[:length]):
+                return claimed[1]
         return None
 
     def claim(self, ids: np.ndarray) -> asyncio.Future | None:
         """Marks the prefix `ids` as being read by the caller, who calls `unclaim` when it
-        is stored (or the read failed); None if another request has claimed it already."""
+        is stored (or the read failed); None if another request has claimed it already (or
+        a prefix of the same length and hash: that read then simply claims nothing)."""
         if not self.enabled:
             return None
-        key = ids.tobytes()
-        claims = self._claims.setdefault(len(ids), {})
-        if key in claims:
+        key = (len(ids), int(prefix_hashes(ids)[-1]))
+        if key in self._claims:
             return None
-        claims[key] = future = asyncio.get_running_loop().create_future()
+        future = asyncio.get_running_loop().create_future()
+        self._claims[key] = (ids.copy(), future)
+        self._claim_lengths[len(ids)] = self._claim_lengths.get(len(ids), 0) + 1
         return future
 
     def unclaim(self, ids: np.ndarray, future: asyncio.Future | None) -> None:
         if future is None:
             return
-        claims = self._claims.get(len(ids), {})
-        if claims.get(ids.tobytes()) is future:
-            del claims[ids.tobytes()]
-            if not claims:
-                del self._claims[len(ids)]
+        key = (len(ids), int(prefix_hashes(ids)[-1]))
+        claimed = self._claims.get(key)
+        if claimed is not None and claimed[1] is future:
+            del self._claims[key]
+            left = self._claim_lengths.pop(len(ids)) - 1
+            if left:
+                self._claim_lengths[len(ids)] = left
         if not future.done():
             future.set_result(None)
 
@@ -195,21 +225,26 @@ class PrefixCache:
         if not self.enabled or len(tokens) == 0:
             return
         ids = tokens["id"]
+        key = _key(ids)
         node, depth = self.root, 0
         wanted = sorted(d for d in states if 1 < d <= len(tokens))  # depth 1: start state
         path = []
         while depth < len(tokens):
             child = node.children.get(int(ids[depth]))
-            if child is None:  # the rest is new
-                child = self._add_child(node, tokens[depth:].copy())
-                path.append(child)
-                depth = child.depth
-                node = child
+            if child is None:  # the rest is new: a chain of nodes cut at the states' depths
+                for end in [d for d in wanted if d > depth] + [len(tokens)]:
+                    if end > depth:
+                        node = self._add_child(node, tokens[depth:end].copy())
+                        path.append(node)
+                        depth = end
                 break
             edge = child.edge
-            ahead = ids[depth: depth + len(edge)]
-            same = edge["id"][: len(ahead)] == ahead
-            matched = len(ahead) if same.all() else int(np.argmin(same))
+            if key[4 * depth: 4 * depth + len(child.key)] == child.key:
+                matched = len(edge)
+            else:
+                ahead = ids[depth: depth + len(edge)]
+                same = edge["id"][: len(ahead)] == ahead
+                matched = len(ahead) if same.all() else int(np.argmin(same))
             if matched < len(edge):
                 child = self._split(child, matched)
             path.append(child)
@@ -229,36 +264,31 @@ class PrefixCache:
         self._publish()
 
     def _add_child(self, parent: _Node, edge: np.ndarray) -> _Node:
-        child = _Node(parent, edge, parent.depth + len(edge), 0)
+        child = _Node(parent, edge, parent.depth + len(edge))
         parent.children[int(edge["id"][0])] = child
+        self._order[child] = None
         self.nodes += 1
-        self.bytes += NODE_BYTES + edge.nbytes
+        self.bytes += NODE_BYTES + edge.nbytes + len(child.key)
         return child
 
     def _split(self, node: _Node, at: int) -> _Node:
-        """Cuts `node`'s edge after `at` tokens: returns the new node above it there (used
-        as recently as `node`, and shallower, so evicted after it)."""
+        """Cuts `node`'s edge after `at` tokens: returns the new node above it there (as
+        the most recently used: an ancestor is never older than its descendants)."""
         parent = node.parent
-        middle = _Node(parent, node.edge[:at].copy(), parent.depth + at, node.stamp)
+        middle = _Node(parent, node.edge[:at].copy(), parent.depth + at)
         node.edge = node.edge[at:].copy()
+        node.key = node.key[4 * at:]
         parent.children[int(middle.edge["id"][0])] = middle
         middle.children[int(node.edge["id"][0])] = node
         node.parent = middle
         self.nodes += 1
         self.bytes += NODE_BYTES
-        self._push(middle)
+        self._order[middle] = None
         return middle
 
     # -- recency and eviction -------------------------------------------------------------
     def _touch(self, node: _Node) -> None:
-        node.stamp = next(self._clock)
-        self._push(node)
-
-    def _push(self, node: _Node) -> None:
-        heapq.heappush(self._heap, (node.stamp, -node.depth, next(self._seq), node))
-        if len(self._heap) > 4 * self.nodes + 1024:  # stale entries: rebuild
-            self._heap = [(n.stamp, -n.depth, next(self._seq), n) for n in self._live()]
-            heapq.heapify(self._heap)
+        self._order.move_to_end(node)
 
     def _live(self):
         pending = list(self.root.children.values())
@@ -269,11 +299,10 @@ class PrefixCache:
 
     def _evict(self) -> None:
         evicted = 0
-        while self.bytes > self.budget and self._heap:
-            stamp, _, _, node = heapq.heappop(self._heap)
-            if not node.alive or stamp != node.stamp:
-                continue  # stale entry
+        while self.bytes > self.budget and self._order:
+            node = next(iter(self._order))
             if node.children:  # not a leaf (cannot happen: see the module docstring)
+                self._order.move_to_end(node)
                 continue
             self._remove_leaf(node)
             evicted += 1
@@ -282,23 +311,30 @@ class PrefixCache:
 
     def _remove_leaf(self, node: _Node) -> None:
         del node.parent.children[int(node.edge["id"][0])]
-        node.alive = False
+        del self._order[node]
         self.nodes -= 1
-        self.bytes -= NODE_BYTES + node.edge.nbytes
+        self.bytes -= NODE_BYTES + node.edge.nbytes + len(node.key)
         if node.state is not None:
             self.entries -= 1
             self.bytes -= node.state.nbytes + ARRAY_BYTES
             node.state = None
 
-    def clear(self) -> None:
-        for node in list(self._live()):
-            node.alive = False
+    def clear(self, publish: bool = True) -> None:
+        """Empties the tree, unlinking its nodes so that their memory goes now, not at the
+        next full garbage collection (parents and children refer to each other)."""
+        for node in self._order:
+            node.parent, node.children, node.state = None, {}, None
         self.root.children.clear()
-        self._heap.clear()
+        self._order.clear()
         self.bytes = self.nodes = self.entries = 0
-        self._publish()
+        if publish:
+            self._publish()
 
     def _publish(self) -> None:
         if self._metrics is not None:
             self._metrics.prefix_cache_bytes.labels(self._label).set(self.bytes)
             self._metrics.prefix_cache_entries.labels(self._label).set(self.entries)
+
+
+def _key(ids: np.ndarray) -> bytes:
+    return np.ascontiguousarray(ids, "<i4").tobytes()

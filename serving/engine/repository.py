@@ -183,6 +183,8 @@ def _free(model: LoadedModel) -> None:
     until a full garbage collection), then gives the heap's free pages back to the system
     (glibc's malloc_trim; elsewhere nothing), so that resident memory falls."""
     model.runtime.close()
+    if model.prefix_cache is not None:  # its nodes refer to each other: unlinked now
+        model.prefix_cache.clear(publish=False)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

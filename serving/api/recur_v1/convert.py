@@ -160,8 +160,8 @@ def response_limit(max_bytes: int, field: str, extra_tokens: int = 0,
     return check
 
 
-# a LogLikelihood result's bytes beside its token log-probs (5 bytes each: a packed float
-# and its share of the field), bounded from above: its numbers, their tags, the framing
+# a LogLikelihood result's bytes beside its token log-probs (4 bytes each, packed),
+# bounded from above: its numbers, their tags and lengths, the framing
 LIKELIHOOD_BYTES = 48
 
 
@@ -170,7 +170,7 @@ def likelihood_limit(max_bytes: int, field: str):
     response could exceed `max_bytes`, before anything runs."""
 
     def check(continuations: Sequence[Encoded]) -> None:
-        size = sum(LIKELIHOOD_BYTES + 5 * len(c.ids) for c in continuations) + 64
+        size = sum(LIKELIHOOD_BYTES + 4 * len(c.ids) for c in continuations) + 64
         if size > max_bytes:
             raise LimitExceeded("max_message_bytes", size, max_bytes, field,
                                 "a response of up to ", " bytes")
