@@ -10,7 +10,8 @@ through the network and the cache's counters are read from each server's /metric
 and after every round; ratios are per round, reported with their median.
 
 1. Multiple choice: one LogLikelihood request per context (about 100 tokens, 4
-   continuations of about 10), 64 requests in flight: wall time and tokens run.
+   continuations of about 10), 64 requests in flight: wall time and tokens run; then the
+   same with 16 questions to a request (as a harness batches them), 4 in flight.
 2. 64 concurrent completions of one 200-token prompt: time to first token and to the end.
 3. Memory of the cache's tree in this process (tracemalloc) against its own accounting.
 4. The hit rate of a mixed workload on the cache-on server.
@@ -85,11 +86,12 @@ class Server:
             text = response.read().decode()
         values = {}
         for family in text_string_to_metric_families(text):
-            if family.name != "recur_executed_tokens" and not family.name.startswith(
-                    "recur_prefix_cache_"):
+            if family.name not in ("recur_executed_tokens", "recur_batch_size") and not (
+                    family.name.startswith("recur_prefix_cache_")):
                 continue
             for sample in family.samples:
-                if sample.labels.get("model") != LABEL or sample.name.endswith("_created"):
+                if sample.labels.get("model") != LABEL or sample.name.endswith(
+                        ("_created", "_bucket")):
                     continue
                 result = sample.labels.get("result")
                 values[sample.name if result is None else f"{sample.name}:{result}"] = (
@@ -110,12 +112,15 @@ def measured(server: Server, work) -> tuple[object, dict[str, float], dict[str, 
 
 
 # -- 1. multiple choice --------------------------------------------------------------------
-def questions(rng: np.random.Generator, count: int) -> list[pb.LogLikelihoodRequest]:
-    return [pb.LogLikelihoodRequest(model=MODEL, pairs=[
-        pb.LogLikelihoodPair(context=ids_input(context),
-                             continuation=ids_input(random_ids(rng, *CONTINUATION)))
-        for _ in range(CHOICES)]) for context in (random_ids(rng, *CONTEXT)
-                                                  for _ in range(count))]
+def questions(rng: np.random.Generator, count: int,
+              per_request: int = 1) -> list[pb.LogLikelihoodRequest]:
+    """`count` questions (a context, CHOICES continuations), `per_request` to a request."""
+    pairs = [[pb.LogLikelihoodPair(context=ids_input(context),
+                                   continuation=ids_input(random_ids(rng, *CONTINUATION)))
+              for _ in range(CHOICES)]
+             for context in (random_ids(rng, *CONTEXT) for _ in range(count))]
+    return [pb.LogLikelihoodRequest(model=MODEL, pairs=sum(pairs[i: i + per_request], []))
+            for i in range(0, count, per_request)]
 
 
 def tokens_to_run(requests: list[pb.LogLikelihoodRequest], cached: bool) -> int:
@@ -124,10 +129,13 @@ def tokens_to_run(requests: list[pb.LogLikelihoodRequest], cached: bool) -> int:
     token's log-prob); with it, the context once, then each continuation alone."""
     total = 0
     for request in requests:
-        context = len(request.pairs[0].context.token_ids.ids)
-        continuations = [len(p.continuation.token_ids.ids) for p in request.pairs]
-        total += (context - 1 + sum(continuations) if cached
-                  else sum(context + c - 1 for c in continuations))
+        contexts = {tuple(p.context.token_ids.ids) for p in request.pairs}
+        for pair in request.pairs:
+            context, continuation = (len(pair.context.token_ids.ids),
+                                     len(pair.continuation.token_ids.ids))
+            total += continuation if cached else context + continuation - 1
+        if cached:
+            total += sum(len(c) - 1 for c in contexts)
     return total
 
 
@@ -149,11 +157,12 @@ def send_all(requests: list[pb.LogLikelihoodRequest], in_flight: int):
 
 
 def multiple_choice(servers: dict[str, Server], contexts: int, rounds: int,
-                    in_flight: int) -> dict:
+                    in_flight: int, per_request: int = 1) -> dict:
     sides = {side: {"wall_s": [], "tokens_run": [], "expected_tokens_run": [],
-                    "contexts_per_s": []} for side in servers}
+                    "contexts_per_s": [], "rows_per_call": []} for side in servers}
     for round_ in range(rounds):
-        requests = questions(np.random.default_rng([1, round_]), contexts)
+        requests = questions(np.random.default_rng([1, round_, per_request]), contexts,
+                             per_request)
         for side in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
             wall, delta, _ = measured(servers[side], send_all(requests, in_flight))
             figures = sides[side]
@@ -161,11 +170,14 @@ def multiple_choice(servers: dict[str, Server], contexts: int, rounds: int,
             figures["tokens_run"].append(int(delta["recur_executed_tokens_total"]))
             figures["expected_tokens_run"].append(tokens_to_run(requests, side == "on"))
             figures["contexts_per_s"].append(contexts / wall)
+            figures["rows_per_call"].append(delta["recur_batch_size_sum"]
+                                            / max(delta["recur_batch_size_count"], 1))
     off, on = sides["off"], sides["on"]
     speedups = [a / b for a, b in zip(off["wall_s"], on["wall_s"], strict=True)]
     token_ratios = [a / b for a, b in zip(off["tokens_run"], on["tokens_run"], strict=True)]
     speedup = statistics.median(speedups)
-    return {"contexts_per_round": contexts, "rounds": rounds, "contexts_per_side": contexts
+    return {"contexts_per_round": contexts, "questions_per_request": per_request,
+            "rounds": rounds, "contexts_per_side": contexts
             * rounds, "choices": CHOICES, "context_tokens": list(CONTEXT),
             "continuation_tokens": list(CONTINUATION), "in_flight": in_flight, **sides,
             "off_contexts_per_s": statistics.median(off["contexts_per_s"]),
@@ -265,7 +277,9 @@ def memory(paths: int, length: int) -> dict:
     with_states = cache_memory(paths, length, shape, VOCAB, True)
     bare = cache_memory(paths, length, shape, VOCAB, False)
     state_bytes = int(np.prod(shape)) * 4
-    node_measured = (bare["measured_bytes"] - bare["tokens"] * TOKEN.itemsize) / bare["nodes"]
+    # a token: its TOKEN row and its id again in the node's key
+    node_measured = ((bare["measured_bytes"] - bare["tokens"] * (TOKEN.itemsize + 4))
+                     / bare["nodes"])
     state_measured = (with_states["measured_bytes"] - bare["measured_bytes"]) / paths
     accounting = [r["measured_bytes"] / r["accounted_bytes"] for r in (with_states, bare)]
     return {"state_shape": list(shape), "state_bytes": state_bytes,
@@ -365,11 +379,15 @@ def mixed(server: Server, requests: int, in_flight: int) -> dict:
             "evictions": int(delta["recur_prefix_cache_evictions_total"])}
 
 
-def warm_up(servers: dict[str, Server]) -> None:
-    """A few requests of every kind on each server, on ids no round uses."""
+def warm_up(servers: dict[str, Server], in_flight: int) -> None:
+    """A few requests of every kind on each server, on ids no round uses, and a small
+    multiple-choice round at full concurrency: without it the first measured round of a
+    side ran up to 1.8x slower than its later ones."""
     plan = mixed_plan(16, 99)
     for server in servers.values():
         asyncio.run(run_plan(plan, 4)(server.target))
+        asyncio.run(send_all(questions(np.random.default_rng([2, 99]), 2 * in_flight),
+                             in_flight)(server.target))
         asyncio.run(complete_all(random_ids(np.random.default_rng(98), PROMPT_TOKENS), 8)(
             server.target))
 
@@ -378,11 +396,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2,
                         help="ONNX Runtime threads of each server")
-    parser.add_argument("--contexts", type=int, default=250,
+    parser.add_argument("--contexts", type=int, default=125,
                         help="multiple-choice contexts per round and side (4 continuations "
                              "each, one LogLikelihood request)")
-    parser.add_argument("--rounds", type=int, default=4,
+    parser.add_argument("--rounds", type=int, default=8,
                         help="rounds of each on/off comparison (the sides alternate)")
+    parser.add_argument("--batch-questions", type=int, default=16,
+                        help="questions per LogLikelihood request in the batched variant "
+                             "(as a harness batches them), with in-flight / this many "
+                             "requests in flight: the same pairs in flight")
     parser.add_argument("--in-flight", type=int, default=64,
                         help="LogLikelihood requests in flight at once")
     parser.add_argument("--memory-paths", type=int, default=2000,
@@ -398,8 +420,11 @@ def main() -> None:
         try:
             servers["off"] = Server(Path(tmp), args.threads, 0)
             servers["on"] = Server(Path(tmp), args.threads, None)
-            warm_up(servers)
+            warm_up(servers, args.in_flight)
             choice = multiple_choice(servers, args.contexts, args.rounds, args.in_flight)
+            batched = multiple_choice(servers, args.contexts, args.rounds,
+                                      max(1, args.in_flight // args.batch_questions),
+                                      args.batch_questions)
             completions = shared_prompt(servers, args.rounds)
             workload = mixed(servers["on"], args.mixed_requests, args.mixed_in_flight)
         finally:
@@ -410,7 +435,8 @@ def main() -> None:
         "machine": f"{cpu()}, {args.threads} ONNX Runtime threads per server, onnxruntime "
                    f"{ort.__version__}, grpcio {grpc.__version__}",
         "model": f"LSTM {LAYERS}x{HIDDEN}, V={VOCAB}, random weights",
-        "multiple_choice": choice, "shared_prompt": completions,
+        "multiple_choice": choice, "multiple_choice_batched": batched,
+        "shared_prompt": completions,
         "memory": memory(args.memory_paths, 100), "mixed": workload,
     }
     save_results("cache", report)
