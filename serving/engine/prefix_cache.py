@@ -7,13 +7,14 @@ read from the start gives (the same network, the same state).
 
 What is cached, along a radix tree of token ids from the start state (after `<eos>`):
 - per token, its log-prob given what precedes it and the most likely token there with its
-  log-prob (16 bytes): a request whose every token is in the tree runs nothing at all;
+  log-prob (16 bytes, and 4 for its id in its node's key, which lookups compare as bytes):
+  a request whose every token is in the tree runs nothing at all;
 - at some nodes, the state *before* the node's last token, S(prefix[:-1]), as a state token
   holds it: reading that last token again gives both the state after the prefix and the
   next-token distribution (4V bytes, 40 KB at V = 10,000, which is not stored), exactly,
   for the price of one token, which the request reads anyway. Reads store one at the end
-  of prompts, session prefixes and scored contexts, and every `interval` tokens of long
-  inputs (operations.read).
+  of prompts, session prefixes and scored contexts, every `interval` tokens of long
+  inputs, and where a read leaves the tree after sharing enough of it (operations.read).
 
 Bounded by bytes, least recently used out. A lookup touches the nodes it passes from the
 deepest up, so an ancestor is always more recently used than its descendants, and the
@@ -24,7 +25,8 @@ Requests that would compute the same prefix at once (64 completions of one promp
 answers to one question sent as four requests) compute it once: the first claims the
 prefix while it reads it, the others wait for its entry (`claimed_beyond`).
 
-Everything here runs on the event loop's thread, so nothing needs a lock; states are never
+Everything here runs on the event loop's thread (but `clear` at an unload, when no request
+holds the version any more), so nothing needs a lock; states are never
 changed in place by anyone (the scheduler stacks copies), so an evicted state that a
 request still holds stays valid for it.
 
