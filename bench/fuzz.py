@@ -12,9 +12,9 @@ two versions, a unidirectional and a bidirectional tagger, a final-state and a
 mean-pooling classifier), with state-token keys, tight request limits and every version
 served. Every RPC of both protocols is called (recur.v1 LanguageModel, Tagger,
 Classifier, Models; the Open Inference Protocol's GRPCInferenceService; grpc.health.v1),
-by 8 concurrent workers: valid requests and hostile ones (bench/fuzzing/cases.py names
-each mutation in its label), plus sessions, Converse streams and V2 sequences that the
-fuzzer drives and replays (bench/fuzzing/scenarios.py).
+by 8 concurrent workers: valid requests and hostile ones (bench/fuzzing/cases.py and
+cases_v2.py name each mutation in its label), plus sessions, Converse streams and V2
+sequences that the fuzzer drives and replays (bench/fuzzing/scenarios.py).
 
 The checks, after every batch (and, for health and memory, all along: a probe process
 and a sampling thread):
@@ -66,7 +66,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from bench.common import RESULTS, cpu, now
-from bench.fuzzing.cases import Context, Generators, Limits, finish
+from bench.fuzzing.case import Context, Limits, finish
+from bench.fuzzing.cases import Generators
 from bench.fuzzing.client import RPCS, Caller, Recorder
 from bench.fuzzing.models import Served, build
 from bench.fuzzing.monitor import Monitor, memory, reset_peak

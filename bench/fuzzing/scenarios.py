@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench.fuzzing import values as val
-from bench.fuzzing.cases import Context, Limits, v2_ids, v2_text
+from bench.fuzzing.case import Context, Limits
+from bench.fuzzing.cases_v2 import v2_ids, v2_text
 from bench.fuzzing.client import Caller, Outcome, Recorder
 from bench.fuzzing.models import VOCAB, WORDS, Served
 from bench.fuzzing.values import chance, describe
