@@ -135,13 +135,14 @@ def test_a_prefix_hash_is_the_prefix_s_own(a, b):
 async def _claims() -> None:
     cache = PrefixCache(1 << 20, 256, START, START_LOGPROBS)
     prompt = np.array([1, 2, 3, 4, 5])
-    future = cache.claim(prompt)
+    claim = cache.claim(prompt)
+    future = claim[1] if claim is not None else None
     assert future is not None and cache.claim(prompt) is None  # one claim a prefix
     assert cache.claimed_beyond(np.array([1, 2, 3, 4, 5, 6]), 1) is future
     assert cache.claimed_beyond(np.array([1, 2, 3, 4, 5, 6]), 5) is None  # not beyond
     assert cache.claimed_beyond(np.array([1, 2, 3, 4, 0, 6]), 1) is None  # another prefix
     assert cache.claimed_beyond(prompt[:4], 1) is None  # longer than the read
-    cache.unclaim(prompt, future)
+    cache.unclaim(claim)
     assert future.done() and cache.claimed_beyond(prompt, 1) is None
     assert not cache._claims and not cache._claim_lengths
 

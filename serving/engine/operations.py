@@ -119,7 +119,7 @@ async def read(model: LoadedModel, ids: np.ndarray, chunk: int, *, store_end: bo
         cache.insert(tokens, states)
         return Read(tokens, state if need_state else None, n - depth)
     finally:
-        cache.unclaim(ids, claim)
+        cache.unclaim(claim)
 
 
 async def score(model: LoadedModel, ids: np.ndarray, chunk: int,

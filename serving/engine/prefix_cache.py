@@ -144,7 +144,8 @@ class PrefixCache:
             if child is None:
                 break
             edge = child.edge
-            if key.startswith(child.key, 4 * depth):
+            matched = _matched(child, ids, key, depth)
+            if matched == len(edge):
                 pieces.append(edge)
                 visited.append(child)
                 depth += len(edge)
@@ -152,9 +153,6 @@ class PrefixCache:
                 if child.state is not None:
                     state_depth, state = depth, child.state
                 continue
-            ahead = ids[depth: depth + len(edge)]  # a partial match: where it ends
-            same = edge["id"][: len(ahead)] == ahead
-            matched = len(ahead) if same.all() else int(np.argmin(same))
             pieces.append(edge[:matched])
             visited.append(child)
             depth += matched
@@ -192,10 +190,11 @@ class PrefixCache:
                 return claimed[1]
         return None
 
-    def claim(self, ids: np.ndarray) -> asyncio.Future | None:
-        """Marks the prefix `ids` as being read by the caller, who calls `unclaim` when it
-        is stored (or the read failed); None if another request has claimed it already (or
-        a prefix of the same length and hash: that read then simply claims nothing)."""
+    def claim(self, ids: np.ndarray) -> tuple[tuple[int, int], asyncio.Future] | None:
+        """Marks the prefix `ids` as being read by the caller, who passes what this returns
+        to `unclaim` when it is stored (or the read failed); None if another request has
+        claimed it already (or a prefix of the same length and hash: that read then simply
+        claims nothing)."""
         if not self.enabled:
             return None
         key = (len(ids), int(prefix_hashes(ids)[-1]))
@@ -204,18 +203,19 @@ class PrefixCache:
         future = asyncio.get_running_loop().create_future()
         self._claims[key] = (ids.copy(), future)
         self._claim_lengths[len(ids)] = self._claim_lengths.get(len(ids), 0) + 1
-        return future
+        return key, future
 
-    def unclaim(self, ids: np.ndarray, future: asyncio.Future | None) -> None:
-        if future is None:
+    def unclaim(self, claim: tuple[tuple[int, int], asyncio.Future] | None) -> None:
+        if claim is None:
             return
-        key = (len(ids), int(prefix_hashes(ids)[-1]))
+        key, future = claim
         claimed = self._claims.get(key)
         if claimed is not None and claimed[1] is future:
             del self._claims[key]
-            left = self._claim_lengths.pop(len(ids)) - 1
+            length = key[0]
+            left = self._claim_lengths.pop(length) - 1
             if left:
-                self._claim_lengths[len(ids)] = left
+                self._claim_lengths[length] = left
         if not future.done():
             future.set_result(None)
 
@@ -240,14 +240,8 @@ class PrefixCache:
                         path.append(node)
                         depth = end
                 break
-            edge = child.edge
-            if key[4 * depth: 4 * depth + len(child.key)] == child.key:
-                matched = len(edge)
-            else:
-                ahead = ids[depth: depth + len(edge)]
-                same = edge["id"][: len(ahead)] == ahead
-                matched = len(ahead) if same.all() else int(np.argmin(same))
-            if matched < len(edge):
+            matched = _matched(child, ids, key, depth)
+            if matched < len(child.edge):
                 child = self._split(child, matched)
             path.append(child)
             node, depth = child, child.depth
@@ -336,6 +330,16 @@ class PrefixCache:
         if self._metrics is not None:
             self._metrics.prefix_cache_bytes.labels(self._label).set(self.bytes)
             self._metrics.prefix_cache_entries.labels(self._label).set(self.entries)
+
+
+def _matched(child: _Node, ids: np.ndarray, key: bytes, depth: int) -> int:
+    """How many of `child`'s edge tokens `ids` has from `depth` (`key`: ids as bytes): one
+    byte comparison when all, numpy only to find where a partial match ends."""
+    if key.startswith(child.key, 4 * depth):
+        return len(child.edge)
+    ahead = ids[depth: depth + len(child.edge)]
+    same = child.edge["id"][: len(ahead)] == ahead
+    return len(ahead) if same.all() else int(np.argmin(same))
 
 
 def _key(ids: np.ndarray) -> bytes:
