@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 RECIPE ?= ptb-lstm
 
-.PHONY: install proto test test-gpu lint demo bench bench-train bench-export bench-serve bench-cache bench-gpu fuzz soak clean
+.PHONY: install proto test test-gpu lint demo bench bench-train bench-export bench-serve bench-cache bench-quant bench-gpu fuzz soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,12 @@ bench-serve: install
 # choice, completions sharing a prompt, memory per entry, a mixed workload's hit rate.
 bench-cache: install
 	$(BIN)/python -m bench.cache
+
+# int8 export against float32 on runs/ptb-lstm (make bench-train RECIPE=ptb-lstm first) or
+# RUN=any trained LM: scoring speed, one-token steps, test perplexity (a few minutes).
+# Without a trained run: python -m bench.quant --random-model (the speed ratio alone).
+bench-quant: install
+	$(BIN)/python -m bench.quant $(if $(RUN),--run $(RUN))
 
 # The Loop graph on ONNX Runtime's CUDA provider against torch eager on CUDA (needs a GPU).
 bench-gpu: install

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 BENCHMARKS = ["bench.train", "bench.export", "bench.serve", "bench.cache", "bench.gpu",
-              "bench.soak"]
+              "bench.quant", "bench.soak"]
 
 
 @pytest.mark.parametrize("module", BENCHMARKS)

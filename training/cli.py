@@ -171,16 +171,47 @@ def export_command(argv: list[str]) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--out", required=True, metavar="REPO/NAME/VERSION",
                         help="artifact directory; VERSION is an integer, never overwritten")
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="publish the graph with its weight matrices quantized by ONNX "
+                             "Runtime (language models only), checked against the float32 "
+                             "graph and its validation perplexity cost measured")
+    parser.add_argument("--max-ppl-cost", type=float, metavar="FRACTION",
+                        help="with --quantize: refuse (and publish nothing) when the int8 "
+                             "validation perplexity is more than this fraction above float32's "
+                             "(default 0.02, i.e. 2%%)")
+    parser.add_argument("--ppl-tokens", type=int, metavar="N",
+                        help="with --quantize: validation tokens scored by each graph "
+                             "(default 20000; the first N of the split)")
     args = parser.parse_args(argv)
+    if args.quantize is None and (args.max_ppl_cost is not None or args.ppl_tokens is not None):
+        parser.error("--max-ppl-cost and --ppl-tokens apply only with --quantize int8")
+    if args.max_ppl_cost is not None and not 0 <= args.max_ppl_cost < float("inf"):
+        parser.error(f"--max-ppl-cost must be a finite fraction >= 0, got {args.max_ppl_cost}")
     from serving.model.artifact import ArtifactError
+    from training.data.readers import CorpusError
     from training.export import ExportError, export_run
+    from training.export.quantize import MAX_PPL_COST, PPL_TOKENS, QuantizationError
     from training.export.verify import ExportMismatch
 
     try:
-        metadata = export_run(args.run_dir, args.out)
-    except (ArtifactError, ExportError, ExportMismatch, FileNotFoundError) as error:
+        metadata = export_run(args.run_dir, args.out, args.quantize,
+                              MAX_PPL_COST if args.max_ppl_cost is None else args.max_ppl_cost,
+                              PPL_TOKENS if args.ppl_tokens is None else args.ppl_tokens)
+    except (ArtifactError, ExportError, ExportMismatch, QuantizationError, CorpusError,
+            FileNotFoundError) as error:
         print(f"recur export: {error}", file=sys.stderr)
         return 1
+    if args.quantize:
+        q = metadata["quantization"]
+        print(f"{metadata['path']}: {metadata['task']} {metadata['cell']} x{metadata['layers']}, "
+              f"int8 ({q['nodes']['int8_products']} int8 products, "
+              f"{q['nodes']['in_recurrence_bodies']} in the recurrence's Loop bodies); "
+              f"log-probs within "
+              f"{q['max_logprob_diff']:.1e} of the float32 graph's; validation ppl "
+              f"{q['validation_ppl_float32']:.3f} -> {q['validation_ppl_int8']:.3f} "
+              f"({100 * q['relative_ppl_cost']:+.2f}%, allowed {100 * q['max_ppl_cost']:.2f}%) "
+              f"on {q['tokens']:,} tokens")
+        return 0
     outputs = metadata["verification"]["outputs"].values()
     graph = max(o["graph_vs_float64"] for o in outputs)
     torch32 = max(o["torch_float32_vs_float64"] for o in outputs)

@@ -13,6 +13,13 @@ from serving.model.runtime import ModelRuntime
 from serving.model.tokenizer import LabelSet, Vocabulary
 from training.evaluate import load_run
 from training.export.graph import OPSET, build_graph
+from training.export.quantize import (
+    MAX_PPL_COST,
+    PPL_TOKENS,
+    Int8Options,
+    check_choice,
+    export_int8,
+)
 from training.export.verify import verify
 from training.models.encoders import RecurrentTagger
 from training.models.language_model import RecurrentLM
@@ -40,11 +47,14 @@ def model_metadata(model, graph: onnx.ModelProto) -> dict:
 
 
 def export_model(model, out: str | Path, vocab: Vocabulary, labels: LabelSet | None = None,
-                 metadata: dict | None = None, verified: bool = True) -> tuple[Path, dict, dict]:
+                 metadata: dict | None = None, verified: bool = True,
+                 int8: Int8Options | None = None) -> tuple[Path, dict, dict]:
     """A recurrent network as the artifact REPO/NAME/VERSION: the graph built from its
     weights and checked, the network's metadata (plus `metadata`), and, unless `verified`
     is False, its verification against torch through the serving runtime before anything
-    is published. Returns (path, metadata, verification report: {} when unverified)."""
+    is published. With `int8`, the graph published is that graph quantized, always
+    verified (quantize.py). Returns (path, metadata, verification report: {} when
+    unverified)."""
     graph = build_graph(model, name=Path(out).parent.name or "recur")
     onnx.checker.check_model(graph, full_check=True)
     task = ("lm" if isinstance(model, RecurrentLM) else
@@ -56,6 +66,8 @@ def export_model(model, out: str | Path, vocab: Vocabulary, labels: LabelSet | N
         "special_tokens": {"eos": vocab.eos_id, "unk": vocab.unk_id, "pad": vocab.pad_id},
         **(metadata or {}),
     }
+    if int8 is not None:
+        return export_int8(model, graph, out, vocab, labels, full, int8)
     report: dict = {}
 
     def check(staging: Path) -> None:
@@ -66,14 +78,23 @@ def export_model(model, out: str | Path, vocab: Vocabulary, labels: LabelSet | N
     return path, full, report
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> dict:
+def export_run(run_dir: str | Path, out: str | Path, quantize: str | None = None,
+               max_ppl_cost: float | None = MAX_PPL_COST, ppl_tokens: int = PPL_TOKENS) -> dict:
     """Builds the graph, checks it, verifies it against torch through the serving runtime,
-    and only then publishes REPO/NAME/VERSION. Returns the artifact's metadata."""
+    and only then publishes REPO/NAME/VERSION. With quantize="int8" (a language model),
+    the graph published is quantized and refused when it costs more than `max_ppl_cost`
+    (relative) perplexity on the first `ppl_tokens` of the run's validation split.
+    Returns the artifact's metadata."""
+    check_choice(quantize)
     run_dir = Path(run_dir)
     config, task, model = load_run(run_dir, device="cpu")
     if config.model.type != "rnn":
         raise ExportError(f"{run_dir}: model.type '{config.model.type}' is a baseline without a "
                           "recurrence; only recurrent models are exported")
+    int8 = None
+    if quantize == "int8":
+        int8 = Int8Options(lambda: task.stream("valid"), config.train.eval_batch_size,
+                           max_ppl_cost, ppl_tokens)
     summary = run_dir / "summary.json"
     path, metadata, report = export_model(model, out, task.vocab, task.labels, {
         "tied": config.model.tie_weights, "training_config": config.to_dict(),
@@ -81,6 +102,6 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
                        if summary.exists() else None),
         "source_run": str(run_dir.resolve()),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    }, int8=int8)
     (path / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
     return {**metadata, "verification": report, "path": str(path)}
