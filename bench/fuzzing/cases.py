@@ -155,6 +155,10 @@ def complete(rng: random.Random, ctx: Context, checks) -> Case:
                             for _ in range(rng.randint(1, 3)))
     if chance(rng, 0.1):
         message.stop_token_ids.extend(rng.randrange(VOCAB) for _ in range(rng.randint(1, 3)))
+    if chance(rng, 0.3):  # a packed stream: several tokens a message
+        message.pack_tokens = True
+        if chance(rng, 0.3):
+            message.stream_interval_ms = rng.choice([0, 1, 5, 20])
 
     def tiny(rng, m):
         m.temperature = rng.choice(val.TINY_TEMPERATURES)
@@ -206,6 +210,9 @@ def complete(rng: random.Random, ctx: Context, checks) -> Case:
     def prompt(rng, m):
         m.prompt.CopyFrom(odd_input(rng))
 
+    def stream_interval(rng, m):  # the server's longest is 1000 ms
+        m.stream_interval_ms = val.int_in(rng, val.INT32, [1000, 1001, -1, 2**31 - 1])
+
     mutators = model_mutators("lm", ctx) + [
         ("tiny temperature", tiny), ("tiny temperature", tiny), ("huge temperature", huge),
         ("NaN temperature", nan), ("negative temperature", negative), ("odd top_k", top_k),
@@ -213,6 +220,7 @@ def complete(rng: random.Random, ctx: Context, checks) -> Case:
         ("odd seed", seed), ("many long stop strings", many_stops),
         ("many stop strings, long greedy completions", stall), ("empty stop string", empty_stop),
         ("odd stop token ids", stop_ids), ("odd prompt", prompt),
+        ("odd stream interval", stream_interval),
         ("invalid UTF-8 stop string", utf8(lambda m, s: m.stop.append(s))),
         ("invalid UTF-8 prompt", utf8(lambda m, s: setattr(m.prompt, "text", s)))]
     request, label = mutated(rng, message, mutators, p=0.5)

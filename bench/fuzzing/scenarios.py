@@ -551,13 +551,23 @@ class Checks:
                 problem = f"an event for sample {event.index} (of {samples}) after its end " \
                           "or out of range"
                 break
-            if event.HasField("token"):
-                t = event.token
-                if not 0 <= t.id < VOCAB or not math.isfinite(t.logprob) or t.logprob > 1e-5:
-                    problem = f"token id {t.id} with log-prob {t.logprob}"
-                    break
-                tokens[event.index].append(t.id)
-            else:
+            packed = request.pack_tokens or request.stream_interval_ms > 0
+            if (event.tokens and not packed) or (packed and event.HasField("token")):
+                problem = "a packed message in an unpacked stream" if event.tokens else \
+                    "a one-token message in a packed stream"
+                break
+            if event.tokens and not tokens[event.index] and len(event.tokens) > 1:
+                problem = f"sample {event.index}'s first token held back for " \
+                          f"{len(event.tokens) - 1} more"
+                break
+            carried = [event.token] if event.HasField("token") else list(event.tokens)
+            bad = [t for t in carried if not 0 <= t.id < VOCAB or not math.isfinite(t.logprob)
+                   or t.logprob > 1e-5]
+            if bad:
+                problem = f"token id {bad[0].id} with log-prob {bad[0].logprob}"
+                break
+            tokens[event.index].extend(t.id for t in carried)
+            if event.finish_reason or not carried:  # a closing message (packed: with tokens)
                 finished[event.index] = event
         if problem is None:
             for index in range(samples):
@@ -582,7 +592,8 @@ class Checks:
             if twin.ok:
                 self.completions["tiny temperature vs greedy"] += 1
                 want = [pb.CompleteResponse.FromString(r) for r in twin.responses]
-                want_ids = [e.token.id for e in want if e.HasField("token") and e.index == 0]
+                want_ids = [t.id for e in want if e.index == 0
+                            for t in ([e.token] if e.HasField("token") else e.tokens)]
                 for index in range(samples):
                     if tokens[index] != want_ids:
                         problem = (f"temperature {request.temperature:g}: sample {index} "

@@ -149,6 +149,20 @@ class CompletionStream:
         self._room.release()
         return item
 
+    def ready(self, limit: int) -> list[Event]:
+        """Up to `limit` events already produced, in order, without waiting: for a caller
+        that writes several in one message. The loop's end (or its error) is left for
+        the iterator to raise."""
+        taken: list[Event] = []
+        while len(taken) < limit and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is self._END:  # always the last item: put back, nothing follows it
+                self._queue.put_nowait(item)
+                break
+            self._room.release()
+            taken.append(item)
+        return taken
+
     def full(self) -> bool:
         """Whether the next event waits for the reader to take one."""
         return self._room.locked()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from serving.engine.decoding import EOS, LENGTH, STOP, FinishEvent, TokenEvent
-from serving.engine.errors import LimitExceeded
+from serving.engine.errors import InvalidArgument, LimitExceeded
 from serving.engine.inputs import Encoded, Input
 from serving.engine.repository import LoadedModel
 from serving.engine.results import Classified, Likelihood, ModelId, Scored, SessionStep, Tagged
@@ -124,6 +124,65 @@ def completion_message(event: TokenEvent | FinishEvent, model: LoadedModel
             id=event.id, text=event.text, logprob=event.logprob))
     return pb.CompleteResponse(index=event.index, finish_reason=FINISH_REASONS[event.reason],
                                text=event.text, model=model_ref(model))
+
+
+# Packed completion streams (CompleteRequest.pack_tokens): the most events one write takes
+# (so a message holds at most this many tokens), and the longest stream interval.
+MAX_PACKED_TOKENS, MAX_STREAM_INTERVAL_MS = 256, 1000
+
+
+def stream_interval(request: pb.CompleteRequest) -> float | None:
+    """The request's packing: None for one message per token, else the seconds to gather a
+    sample's tokens for (0: only those ready when the writer is free)."""
+    interval = request.stream_interval_ms
+    if not 0 <= interval <= MAX_STREAM_INTERVAL_MS:
+        raise InvalidArgument("stream_interval_ms", f"must be in [0, {MAX_STREAM_INTERVAL_MS}]"
+                              f" milliseconds (0: no wait), got {interval}")
+    if interval == 0 and not request.pack_tokens:
+        return None
+    return interval / 1000
+
+
+class StreamPacker:
+    """A packed stream's messages: the events taken in one write become, per sample in the
+    order they came, one message with its tokens (and its end if it came with them),
+    except that a sample's first token goes alone, at once."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.started: set[int] = set()  # the samples whose first token is out
+
+    def holds_first_token(self, events: Sequence[TokenEvent | FinishEvent]) -> bool:
+        return any(isinstance(e, TokenEvent) and e.index not in self.started for e in events)
+
+    def messages(self, events: Sequence[TokenEvent | FinishEvent]
+                 ) -> list[pb.CompleteResponse]:
+        tokens: dict[int, list[TokenEvent]] = {}
+        finishes: dict[int, FinishEvent] = {}
+        for event in events:
+            if isinstance(event, TokenEvent):
+                tokens.setdefault(event.index, []).append(event)
+            else:
+                tokens.setdefault(event.index, [])
+                finishes[event.index] = event
+        messages = []
+        for index, sample_tokens in tokens.items():
+            if sample_tokens and index not in self.started:
+                messages.append(self._message(index, sample_tokens[:1], None))
+                sample_tokens = sample_tokens[1:]
+            self.started.add(index)
+            if sample_tokens or index in finishes:
+                messages.append(self._message(index, sample_tokens, finishes.get(index)))
+        return messages
+
+    def _message(self, index: int, tokens: Sequence[TokenEvent], finish: FinishEvent | None
+                 ) -> pb.CompleteResponse:
+        message = pb.CompleteResponse(index=index, tokens=[  # dicts: cheaper (sequence_score)
+            {"id": t.id, "text": t.text, "logprob": t.logprob} for t in tokens])
+        if finish is not None:
+            message.finish_reason, message.text = FINISH_REASONS[finish.reason], finish.text
+            message.model.CopyFrom(model_ref(self.model))
+        return message
 
 
 # Upper bounds of a response's size in bytes, so that a request whose answer could not be

@@ -4,13 +4,16 @@ session calls."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 
 import grpc
 
 from serving.api.recur_v1.convert import (
+    MAX_PACKED_TOKENS,
     TOKEN_OVERHEAD,
+    StreamPacker,
     completion_message,
     likelihood_limit,
     log_likelihood,
@@ -19,6 +22,7 @@ from serving.api.recur_v1.convert import (
     rolling_log_likelihood,
     sequence_score,
     session_response,
+    stream_interval,
     to_input,
     to_inputs,
     to_pairs,
@@ -26,6 +30,7 @@ from serving.api.recur_v1.convert import (
 from serving.api.rpc.auth import peer_of
 from serving.api.rpc.handlers import message, record, rpc, until_closing
 from serving.api.rpc.status import code_of
+from serving.engine.decoding import CompletionStream
 from serving.engine.engine import Engine
 from serving.engine.errors import EngineError, Unavailable
 from serving.engine.stats import request_scope
@@ -164,6 +169,7 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
     # -- completion -----------------------------------------------------------------------
     @rpc(SERVICE)
     async def Complete(self, request: pb.CompleteRequest, context) -> None:
+        interval = stream_interval(request)  # None: one message per token
         model = self.engine.model(request.model.name, request.model.version, "lm")
         stream = await self.engine.complete(
             model, to_input(request.prompt, "prompt"),
@@ -173,8 +179,32 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
             n=request.n, seed=request.seed if request.HasField("seed") else None,
             stop=list(request.stop), stop_token_ids=list(request.stop_token_ids))
         async with stream:
-            async for event in stream:
-                await context.write(completion_message(event, model))
+            if interval is None:
+                async for event in stream:
+                    await context.write(completion_message(event, model))
+            else:
+                await self._write_packed(stream, StreamPacker(model), context, interval)
+
+    @staticmethod
+    async def _write_packed(stream: CompletionStream, packer: StreamPacker, context,
+                            interval: float) -> None:
+        """A packed stream: each round takes every event that came while the last writes
+        were pending (at most MAX_PACKED_TOKENS), after waiting out `interval` since those
+        writes unless the round holds a sample's first token; a round of
+        MAX_PACKED_TOKENS waits for none. The stream holds at most a bounded number of
+        events per sample (decoding.py), so with few samples a long interval caps a
+        sample's rate at about that many tokens an interval: the interval is the client's
+        trade of latency for fewer messages."""
+        loop, written = asyncio.get_running_loop(), -math.inf
+        async for event in stream:
+            events = [event, *stream.ready(MAX_PACKED_TOKENS - 1)]
+            wait = written + interval - loop.time()
+            if wait > 0 and not packer.holds_first_token(events):
+                await asyncio.sleep(wait)
+                events += stream.ready(MAX_PACKED_TOKENS - len(events))
+            for response in packer.messages(events):
+                await context.write(response)
+            written = -math.inf if len(events) >= MAX_PACKED_TOKENS else loop.time()
 
     # -- sessions -------------------------------------------------------------------------
     @rpc(SERVICE)
