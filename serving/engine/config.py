@@ -103,6 +103,12 @@ class EngineConfig:
     prefix_cache_interval: int = setting(
         256, "Long inputs also leave a state in the prefix cache every this many tokens.",
         BATCHING)
+    max_fill_wait_us: float = setting(
+        5000.0, "With several sessions stepping, the longest (microseconds) a batch may wait "
+        "for the sessions just answered to send their next steps, so that calls run full "
+        "batches: within this, two measured round trips or one call's time, and a lone "
+        "session never waits (serving/engine/batch_fill.py). 0: run whatever is pending at "
+        "once.", BATCHING)
     max_inline_step_ms: float = setting(
         5.0, "A lone one-token step that has been measured to take less than this runs on "
         "the event loop's thread, saving two thread hops; everything else runs on the "
@@ -153,8 +159,8 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("session_ttl_s", "max_queue_delay_ms", "threads", "state_token_ttl_s",
-                     "repository_poll_s", "max_inline_step_ms", "prefix_cache_mib",
-                     "max_sessions_per_client"):
+                     "repository_poll_s", "max_inline_step_ms", "max_fill_wait_us",
+                     "prefix_cache_mib", "max_sessions_per_client"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_sequences_per_request > self.max_queue:

@@ -91,7 +91,8 @@ class Engine:
         self.metrics = metrics or Metrics()
         limits = BatchLimits(config.max_batch_size, config.max_queue_delay_ms / 1000,
                              config.token_budget, config.max_queue,
-                             config.max_inline_step_ms / 1000)
+                             config.max_inline_step_ms / 1000,
+                             config.max_fill_wait_us / 1e6)
         self.token_keys = (StateTokenKeys.from_file(config.state_token_keys,
                                                     config.state_token_ttl_s)
                            if config.state_token_keys else None)
@@ -494,9 +495,11 @@ class Engine:
     @_counted
     async def create_session(self, model: LoadedModel, prefix: Input | None = None,
                              top_k: int = 0, client: str = "",
-                             check: Check | None = None) -> SessionStep:
+                             check: Check | None = None,
+                             with_next_logprobs: bool = False) -> SessionStep:
         """A session on `model` after reading `prefix` (optional). `client` names who holds
-        it, for max_sessions_per_client."""
+        it, for max_sessions_per_client. `with_next_logprobs`: the step carries the whole
+        next-token distribution (SessionStep.next_logprobs), for a language model."""
         if (why_not := model.sessions_allowed) is not None:
             raise InvalidArgument("model", why_not)
         encoded = self._encode_step(model, prefix, top_k, True, "prefix", check)
@@ -511,7 +514,8 @@ class Engine:
                 resume_state, last_token = None, -1
             session = self.sessions.create(model, state, next_logprobs, resume_state,
                                            last_token, client=client)
-            return await self._first_step(session, encoded, top_k, None)
+            return await self._first_step(session, encoded, top_k, None,
+                                          with_next_logprobs)
 
     @_counted
     async def create_session_from(self, state_token: bytes, prefix: Input | None = None,
@@ -539,10 +543,12 @@ class Engine:
     async def append(self, session_id: str, item: Input | None, top_k: int = 0,
                      state_token: bytes = b"", allow_empty: bool = False,
                      field: str = "input", client: str = "",
-                     check: Check | None = None) -> SessionStep:
+                     check: Check | None = None,
+                     with_next_logprobs: bool = False) -> SessionStep:
         """Reads `item` into the session: held here, or resumed from its state token.
         `allow_empty`: no input (or an empty one) reads nothing and answers where the
         session is. Everything is checked before the session changes.
+        `with_next_logprobs`: as create_session's.
 
         A state token continues its session only from where the token was issued: if the
         session is held here at another position, the token is stale (FAILED_PRECONDITION
@@ -557,7 +563,8 @@ class Engine:
             encoded = self._encode_step(session.model, item, top_k, allow_empty, field,
                                         check)
             with self._admit(session.model, encoded), session.model.in_use():
-                return await self._append(session, encoded, top_k, None)
+                return await self._append(session, encoded, top_k, None,
+                                          with_next_logprobs)
         snapshot = self._open(state_token)
         if session_id and session_id != snapshot.session_id:
             raise InvalidArgument("state_token", f"is for session "
@@ -568,7 +575,8 @@ class Engine:
             encoded = self._encode_step(session.model, item, top_k, allow_empty, field,
                                         check)
             with self._admit(session.model, encoded), session.model.in_use():
-                return await self._append(session, encoded, top_k, snapshot.position)
+                return await self._append(session, encoded, top_k, snapshot.position,
+                                          with_next_logprobs)
         if self.sessions.was_closed(snapshot.session_id):
             raise FailedPrecondition("state_token", f"session {shown(snapshot.session_id)} "
                                      "was closed on this server; its token does not reopen "
@@ -583,8 +591,10 @@ class Engine:
                                                snapshot.position, client)
             except SessionLive as live:  # resumed by another request meanwhile
                 self._check_current(live.session, snapshot)
-                return await self._append(live.session, encoded, top_k, snapshot.position)
-            return await self._first_step(session, encoded, top_k, snapshot.position)
+                return await self._append(live.session, encoded, top_k, snapshot.position,
+                                          with_next_logprobs)
+            return await self._first_step(session, encoded, top_k, snapshot.position,
+                                          with_next_logprobs)
 
     async def fork_session(self, session_id: str, top_k: int = 0,
                            client: str = "") -> SessionStep:
@@ -612,6 +622,7 @@ class Engine:
             raise InvalidArgument("session_id", "required")
         if (held := self.sessions.peek(session_id)) is not None:
             note_model(held.model.name)
+            held.model.scheduler.returning.forget(session_id)  # not expected back
         self.sessions.close(session_id)
 
     def end_session(self, session_id: str, generation: int) -> None:
@@ -706,11 +717,11 @@ class Engine:
         return step.state, step.next_logprobs
 
     async def _first_step(self, session: Session, encoded: Encoded, top_k: int,
-                          expected: int | None) -> SessionStep:
+                          expected: int | None, with_next_logprobs: bool = False) -> SessionStep:
         """The first step of a session this call put in the table: if it fails, the
         session goes again, so a refused request leaves nothing behind."""
         try:
-            step = await self._append(session, encoded, top_k, expected)
+            step = await self._append(session, encoded, top_k, expected, with_next_logprobs)
         except BaseException:
             if self.sessions.peek(session.id) is session:
                 self.sessions.discard(session.id)
@@ -719,14 +730,15 @@ class Engine:
         return step
 
     async def _append(self, session: Session, encoded: Encoded, top_k: int,
-                      expected: int | None) -> SessionStep:
+                      expected: int | None, with_next_logprobs: bool = False) -> SessionStep:
         """Reads `encoded` into the session, one Append at a time; `expected`: the
-        position the request's state token was issued at."""
+        position the request's state token was issued at; `with_next_logprobs`: the step carries
+        a copy of the next-token log-probs (the session's own array changes with it)."""
         model = session.model
         async with session.lock:
             current = self.sessions.get(session.id)  # it may have gone while waiting
             if current is not session:  # removed, then resumed anew under its id
-                return await self._append(current, encoded, top_k, expected)
+                return await self._append(current, encoded, top_k, expected, with_next_logprobs)
             if expected is not None and session.position != expected:
                 raise FailedPrecondition(
                     "state_token", f"is for position {expected} of session "
@@ -746,7 +758,8 @@ class Engine:
                 else:
                     step = await operations.advance(model, session.state,
                                                     session.next_logprobs, encoded.ids,
-                                                    self.config.chunk_tokens, keep)
+                                                    self.config.chunk_tokens, keep,
+                                                    key=session.id)
                 if self.token_keys is None:
                     pass  # no state tokens: nothing to keep for them
                 elif model.task == "lm":
@@ -766,10 +779,14 @@ class Engine:
                 tokens = model.vocab.tokens
                 result.next_tokens = [(i, tokens[i], lp)
                                       for i, lp in most_likely(next_logprobs, top_k)]
+                if with_next_logprobs:
+                    result.next_logprobs = np.array(next_logprobs, np.float32)
             if self.token_keys is not None and resume_state is not None:
                 result.state_token = self.token_keys.seal(Snapshot(
                     model.name, model.version, position, resume_state, last_token,
                     session.id))
+            if self.sessions.peek(session.id) is session:  # still open: it may step again
+                model.scheduler.answered(session.id)
             return result
 
     @staticmethod

@@ -81,6 +81,10 @@ class Metrics:
             ["model"], buckets=LATENCY, registry=registry)
         self.batch_size = Histogram("recur_batch_size", "Sequences per ONNX Runtime call.",
                                     ["model"], buckets=BATCH, registry=registry)
+        self.fill_wait = Histogram(
+            "recur_batch_fill_wait_seconds", "Time a batch waited for sessions just answered "
+            "to send their next steps (--max-fill-wait-us), per wait.", ["model"],
+            buckets=LATENCY, registry=registry)
         self.executed_tokens = Counter(
             "recur_executed_tokens", "Token positions run through the network in ONNX Runtime "
             "calls (padding not counted).", ["model"], registry=registry)

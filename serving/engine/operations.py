@@ -27,8 +27,9 @@ class Advance:
 
 
 async def run_chunks(model: LoadedModel, tokens: np.ndarray, state: np.ndarray,
-                     targets: np.ndarray | None, chunk: int) -> Advance:
-    """Reads `tokens` from `state` (a bidirectional encoder: whole, from no state)."""
+                     targets: np.ndarray | None, chunk: int, key: str | None = None) -> Advance:
+    """Reads `tokens` from `state` (a bidirectional encoder: whole, from no state). `key`:
+    the session stepping, for the scheduler's batch filling (batch_fill.py)."""
     if model.task != "lm" and not model.runtime.incremental:
         result = await model.scheduler.run(tokens, None)
         return Advance(state, None, result.outputs)
@@ -37,7 +38,8 @@ async def run_chunks(model: LoadedModel, tokens: np.ndarray, state: np.ndarray,
     for start in range(0, len(tokens), chunk):
         end = start + chunk
         result = await model.scheduler.run(tokens[start:end], state,
-                                         None if targets is None else targets[start:end])
+                                           None if targets is None else targets[start:end],
+                                           key)
         state, next_logprobs = result.state, result.next_logprobs
         pieces.append(result.outputs)
     outputs = pieces[-1] if model.task == "classify" else np.concatenate(pieces)
@@ -167,23 +169,24 @@ async def read_prompt(model: LoadedModel, ids: np.ndarray, chunk: int) -> Advanc
 
 
 async def advance(model: LoadedModel, state: np.ndarray, next_logprobs: np.ndarray | None,
-                  ids: np.ndarray, chunk: int, keep_previous: bool = False) -> Advance:
+                  ids: np.ndarray, chunk: int, keep_previous: bool = False,
+                  key: str | None = None) -> Advance:
     """A session step: reads only `ids` from the stored state. For a language model the
     first token's log-prob comes from the stored next-token distribution, so the network
     runs exactly len(ids) tokens. `keep_previous` (for state tokens) also returns the
     state before the last token: free for one token, otherwise one more row beside this
     step in the same batched call."""
     if model.task != "lm":
-        return await run_chunks(model, ids, state, None, chunk)
+        return await run_chunks(model, ids, state, None, chunk, key)
     targets = np.concatenate([ids[1:], [0]]).astype(np.int64)
     previous = state
     if keep_previous and len(ids) > 1:
         result, before = await asyncio.gather(
-            run_chunks(model, ids, state, targets, chunk),
+            run_chunks(model, ids, state, targets, chunk, key),
             run_chunks(model, ids[:-1], state, targets[:-1], chunk))
         previous = before.state
     else:
-        result = await run_chunks(model, ids, state, targets, chunk)
+        result = await run_chunks(model, ids, state, targets, chunk, key)
     logprobs = np.concatenate([[next_logprobs[ids[0]]], result.outputs[:-1]])
     return Advance(result.state, result.next_logprobs, logprobs.astype(np.float32),
                    previous if keep_previous else None)

@@ -101,6 +101,8 @@ class SessionStep:
     unknown: int = 0
     scored: Scored | None = None  # language models: the appended tokens' log-probs
     next_tokens: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, lp)
+    # language models, if asked for: every next token's log-prob [V] (a copy of the session's)
+    next_logprobs: np.ndarray | None = None
     tagged: Tagged | None = None  # unidirectional taggers: the appended tokens' tags
     classified: Classified | None = None  # classifiers: the distribution of the text so far
     state_token: bytes = b""

@@ -21,6 +21,10 @@ next tokens, for all of a call's rows in one batched draw (2.2x faster than row 
 B = 64 over 10,000 words, and off the loop's thread). On the loop's own thread the call
 starved gRPC: with 64 completion streams, batches averaged 3 to 13 steps instead of 60.
 
+With several sessions stepping one token at a time, a batch waits a little for the
+sessions just answered to send their next steps (batch_fill.py: how long, and why a lone
+session never waits), so that calls run full batches instead of a few rows each.
+
 Only a lone one-token step that has been measured to take less than `max_inline_step_s`
 runs on the loop's thread, saving the two thread hops (about 0.25 ms of an Append); a
 longer step there would hold up every other request, health checks included.
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.engine.batch_fill import Returning
 from serving.engine.errors import ExecutionFailed, Overloaded, Unavailable
 from serving.engine.metrics import Metrics
 from serving.engine.stats import RequestTiming, current_timing
@@ -56,6 +61,7 @@ class Step:
     sampler: Sampler | None = None  # a completion's: its next token is drawn in the batch
     top: int = 0  # with a sampler: the most likely tokens to return beside the drawn one
     timing: RequestTiming | None = None  # the request it is part of, for its statistics
+    key: str | None = None  # the session stepping, expected back after its answer
 
 
 class Admission:
@@ -96,6 +102,7 @@ class BatchLimits:
     token_budget: int = 16384
     max_queue: int = 4096
     max_inline_step_s: float = 0.005
+    max_fill_wait_s: float = 0.005  # 0: never wait for returning sessions
 
 
 # weight of the newest measurement in the running estimate of a lone step's time
@@ -111,6 +118,11 @@ class Scheduler:
         self.admitted = 0  # sequences admitted and not yet finished
         # seconds a lone one-token step takes, measured; None until one has run
         self.lone_step_s: float | None = None
+        # seconds a call of one-token steps takes, measured (a running estimate): a batch
+        # of such steps may wait that long for returning sessions (batch_fill.py)
+        self.call_s: float | None = None
+        self.returning = Returning()
+        self._fill_target: int | None = None  # while a batch waits: the steps it waits for
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -122,6 +134,7 @@ class Scheduler:
         self._wait = metrics.queue_wait.labels(label)
         self._execution = metrics.execution.labels(label)
         self._batch_size = metrics.batch_size.labels(label)
+        self._fill_wait = metrics.fill_wait.labels(label)
         self._rejected = metrics.rejected.labels(label)
         self._executed = metrics.executed_tokens.labels(label)
         self.stats = metrics.stats_for(label)
@@ -175,24 +188,30 @@ class Scheduler:
 
     def submit(self, tokens: np.ndarray, state: np.ndarray | None,
                targets: np.ndarray | None = None,
-               sampler: Sampler | None = None, top: int = 0) -> asyncio.Future:
+               sampler: Sampler | None = None, top: int = 0,
+               key: str | None = None) -> asyncio.Future:
         """Queues one step. With a sampler (completions), the result also carries the next
         token, drawn on the worker for all such rows of the batch at once (sample_batch),
         and with `top` the most likely tokens of that draw's distribution. The caller holds
         an admission for the sequence (`admit`). The step's time counts toward the request
-        being timed in this context (stats.current_timing), if any."""
+        being timed in this context (stats.current_timing), if any. `key`: the session
+        stepping (batch_fill.py)."""
+        now = time.perf_counter()
         step = Step(tokens, state, targets, asyncio.get_running_loop().create_future(),
-                    time.perf_counter(), sampler, top, current_timing.get())
+                    now, sampler, top, current_timing.get(), key)
+        if key is not None:
+            self.returning.came_back(key, now)
         self._buckets.setdefault(len(tokens).bit_length(), deque()).append(step)
         self._count += 1
         self.peak_depth = max(self.peak_depth, self._count)
         self._depth.set(self._count)
-        self._wake.set()
+        if self._fill_target is None or self._count >= self._fill_target:
+            self._wake.set()
         return step.future
 
     async def run(self, tokens: np.ndarray, state: np.ndarray | None,
-                  targets: np.ndarray | None = None) -> StepResult:
-        return await self.submit(tokens, state, targets)
+                  targets: np.ndarray | None = None, key: str | None = None) -> StepResult:
+        return await self.submit(tokens, state, targets, key=key)
 
     # -- the scheduler loop ---------------------------------------------------------------
     async def _loop(self) -> None:
@@ -205,6 +224,8 @@ class Scheduler:
                 oldest = min(b[0].enqueued for b in self._buckets.values() if b)
                 if (wait := oldest + delay - time.perf_counter()) > 0:
                     await asyncio.sleep(wait)
+            if self.limits.max_fill_wait_s > 0:
+                await self._fill()
             batch = self._take()
             self._depth.set(self._count)
             if not batch:
@@ -224,7 +245,11 @@ class Scheduler:
                     if not step.future.done():
                         step.future.set_exception(failure)
                 continue
-            self._execution.observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            if len(batch[0].tokens) == 1:  # the bucket of one-token steps
+                self.call_s = (seconds if self.call_s is None
+                               else self.call_s + _SMOOTHING * (seconds - self.call_s))
+            self._execution.observe(seconds)
             self._batch_size.observe(len(batch))
             self._account(batch, started, times)
             for step, result in zip(batch, results):
@@ -233,6 +258,41 @@ class Scheduler:
             # Let the callers run before the next batch: a completion samples and submits
             # its next step, so it joins that batch.
             await asyncio.sleep(0)
+
+    def answered(self, key: str) -> None:
+        """The request of session `key` is done: its client may send its next step soon
+        (batch_fill.py). Not recorded when batches never wait."""
+        if self.limits.max_fill_wait_s > 0:
+            self.returning.answered(key, time.perf_counter())
+
+    async def _fill(self) -> None:
+        """Waits for the sessions expected back (batch_fill.py) while the next batch is
+        one of one-token steps, with fewer than a full batch pending and at least half as
+        many sessions expected as steps pending: until they are all queued, or the fill
+        budget after the oldest pending step was queued."""
+        now = time.perf_counter()
+        if self._count >= self.limits.max_batch_size or self.call_s is None:
+            return
+        expected = self.returning.expected(now)
+        if not expected or 2 * expected < self._count:
+            return
+        oldest_bucket = min((b for b in self._buckets.values() if b),
+                            key=lambda b: b[0].enqueued)
+        if len(oldest_bucket[0].tokens) != 1:  # the next call is not the one they join
+            return
+        oldest = oldest_bucket[0].enqueued
+        budget = min(self.limits.max_fill_wait_s, self.returning.budget_s(self.call_s))
+        if (wait := oldest + budget - now) <= 0:
+            return
+        self._fill_target = min(self.limits.max_batch_size, self._count + expected)
+        self._wake.clear()
+        timer = asyncio.get_running_loop().call_later(wait, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            timer.cancel()
+            self._fill_target = None
+            self._fill_wait.observe(time.perf_counter() - now)
 
     def _account(self, batch: list[Step], started: float,
                  times: tuple[float, float, float]) -> None:
@@ -255,8 +315,9 @@ class Scheduler:
 
     def _inline(self, batch: list[Step]) -> bool:
         """Whether the batch may run on the loop's thread: a lone one-token step, nothing
-        else waiting, known to be quick."""
+        else waiting or expected back, known to be quick."""
         return (len(batch) == 1 and self._count == 0 and len(batch[0].tokens) == 1
+                and not self.returning.expected(time.perf_counter())
                 and self.lone_step_s is not None
                 and self.lone_step_s < self.limits.max_inline_step_s)
 
