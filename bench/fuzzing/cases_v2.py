@@ -18,6 +18,8 @@ HEALTH_SERVICES = ["", "liveness", "recur.v1.LanguageModel", "recur.v1.Tagger",
                    "recur.v1.Classifier", "recur.v1.Models", "inference.GRPCInferenceService"]
 OUTPUTS = {"lm": ["TOKEN_LOGPROBS", "TOKEN_COUNT", "TOTAL_LOGPROB"],
            "tag": ["TAGS", "TAG_LOGPROBS", "TOKEN_COUNT"], "classify": ["LABEL", "CLASS_PROBS"]}
+# a language model's outputs given only when named, in sequences (refused in stateless ones)
+NEXT_OUTPUTS = ["NEXT_TOKEN_IDS", "NEXT_TOKEN_LOGPROBS", "NEXT_LOGPROBS"]
 
 
 def bytes_tensor(items: list[bytes]) -> bytes:
@@ -132,7 +134,7 @@ def v2_infer(rng: random.Random, ctx: Context) -> tuple[object, str]:
 
     def bad_output(rng, m):
         m.outputs.add(name=rng.choice(["LOGITS", "", "text", "TAGS", "LABEL", "TOKEN_LOGPROBS",
-                                       "TOKEN_COUNT", val.long_string(rng)]))
+                                       "TOKEN_COUNT", *NEXT_OUTPUTS, val.long_string(rng)]))
         if chance(rng, 0.5):
             m.outputs.add(name=m.outputs[0].name)
 
@@ -158,7 +160,7 @@ def v2_infer(rng: random.Random, ctx: Context) -> tuple[object, str]:
 
     def odd_parameter(rng, m):
         key = rng.choice(["add_eos", "sequence_start", "sequence_end", "sequence_id",
-                          "unknown", val.long_string(rng)])
+                          "top_k", "unknown", val.long_string(rng)])
         value = m.parameters[key]
         kind = rng.randrange(5)
         if kind == 0:
@@ -182,6 +184,11 @@ def v2_infer(rng: random.Random, ctx: Context) -> tuple[object, str]:
         for key in ("sequence_start", "sequence_end"):
             if chance(rng, 0.5):
                 m.parameters[key].bool_param = chance(rng, 0.5)
+        if chance(rng, 0.4):  # the next-token outputs, of any K (0 and past V refused)
+            for name in rng.sample(NEXT_OUTPUTS, rng.randint(1, len(NEXT_OUTPUTS))):
+                m.outputs.add(name=name)
+            if chance(rng, 0.7):
+                m.parameters["top_k"].int64_param = rng.choice([1, 3, 0, -1, 10**6, 2**63 - 1])
 
     def odd_version(rng, m):
         m.model_version = val.v2_version(rng, (1, 2)) or rng.choice(val.V2_VERSIONS)

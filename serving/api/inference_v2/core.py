@@ -8,7 +8,9 @@ Tensors per task (the first dimension is the batch; -1 is any size):
     inputs   TEXT BYTES [B, 1] (UTF-8), or TOKEN_IDS INT64 [B, T] (rows padded with -1),
              which metadata and ModelConfig leave out (see DECLARED)
     lm       TOKEN_LOGPROBS FP32 [B, T] (0 past a row's TOKEN_COUNT), TOKEN_COUNT INT64 [B, 1],
-             TOTAL_LOGPROB FP32 [B, 1]
+             TOTAL_LOGPROB FP32 [B, 1]; in a sequence, only when asked for by name (see
+             NEXT_OUTPUTS): NEXT_TOKEN_IDS INT64 [B, K] and NEXT_TOKEN_LOGPROBS FP32 [B, K]
+             (the K most likely next tokens, most likely first), NEXT_LOGPROBS FP32 [B, V]
     tag      TAGS BYTES [B, T] (empty past a row's TOKEN_COUNT), TAG_LOGPROBS FP32 [B, T],
              TOKEN_COUNT INT64 [B, 1]
     classify LABEL BYTES [B, 1], CLASS_PROBS FP32 [B, C] (in the order of the label set)
@@ -19,6 +21,12 @@ for stateful use, `sequence_id` (uint64 or string), `sequence_start`, `sequence_
 creates the session from its input, later ones append to it and return the appended
 tokens' log-probs, the last (sequence_end) closes it. Responses of a sequence carry the
 session's `state_token` (base64) as a parameter when the server has state token keys.
+The NEXT_ outputs are the distribution after the sequence's tokens so far, so a client
+continues without another call: K is the parameter `top_k` (int64, 1 to the vocabulary
+size, default 1: the argmax token, to feed back as TOKEN_IDS; read only when a top-k
+output is asked for). They are for sequences only (a stateless score reads no
+distribution after its last token): a one-request sequence (sequence_start and
+sequence_end together) gives one text's.
 A request is checked whole (inputs, parameters, requested outputs, the size of its
 response as its binding writes it: raw bytes, or JSON text at up to six times more a
 value) before it runs.
@@ -73,6 +81,14 @@ OUTPUTS = {
             "TOKEN_COUNT": ("INT64", [1])},
     "classify": {"LABEL": ("BYTES", [1]), "CLASS_PROBS": ("FP32", [-1])},
 }
+# A language model's outputs given only when a request names them; like TOKEN_IDS, not
+# declared: perf_analyzer asks for every output metadata declares in each request
+# (src/infer_data_manager.cc, InitInferData) and refuses a ModelConfig output metadata
+# lacks (src/model_parser.cc, "no metadata found for output tensor"), so a declared one
+# would make its stateless runs fail, and its sequences carry V floats an answer.
+NEXT_OUTPUTS = {"NEXT_TOKEN_IDS": ("INT64", [-1]), "NEXT_TOKEN_LOGPROBS": ("FP32", [-1]),
+                "NEXT_LOGPROBS": ("FP32", [-1])}
+TOP_K_OUTPUTS = ("NEXT_TOKEN_IDS", "NEXT_TOKEN_LOGPROBS")  # K wide; NEXT_LOGPROBS is V wide
 CONFIG_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32"}
 EXTENSIONS = ["model_configuration", "sequence", "parameters", "binary_tensor_data",
               "statistics", "model_repository"]
@@ -255,24 +271,30 @@ class InferenceCore:
         model = self.model(request.model_name, request.model_version)
         inputs = self._inputs(request.inputs)
         parameters = request.parameters
-        outputs = OUTPUTS[model.task]
-        wanted = list(request.outputs) or list(outputs)
+        outputs = _outputs_of(model.task)
+        wanted = list(request.outputs) or list(OUTPUTS[model.task])
         for index, name in enumerate(wanted):
             if name not in outputs:
                 raise InvalidArgument(f"outputs[{index}].name", f"{model.label} has no output "
                                       f"{shown(name)} (outputs: {', '.join(outputs)})")
         sequence = _sequence_id(parameters, self.max_sequence_id_bytes)
+        if not sequence and (index := _first_next(wanted)) is not None:
+            raise InvalidArgument(f"outputs[{index}].name", f"{wanted[index]} is for "
+                                  "sequences (parameters.sequence_id): the next-token "
+                                  "distribution after a sequence's tokens; for one text, "
+                                  "send it as a sequence of one request (sequence_start "
+                                  "and sequence_end true)")
 
-        def limit(runs_on: LoadedModel) -> Check:
-            return self._response_limit(runs_on, wanted, request, bool(sequence))
+        def limit(runs_on: LoadedModel, top_k: int) -> Check:
+            return self._response_limit(runs_on, wanted, request, bool(sequence), top_k)
 
         if sequence:
             model, tensors_out, extra = await self._sequence_step(
                 model, bool(request.model_version), sequence, inputs, parameters, client,
-                limit)
+                limit, wanted)
         else:
             tensors_out, extra = await self._stateless(model, inputs, parameters,
-                                                       limit(model)), {}
+                                                       limit(model, 0)), {}
         return InferResult(model.name, str(model.version), request.id, extra,
                            [OutputTensor(name, tensors_out[name][1], tensors_out[name][0])
                             for name in wanted])
@@ -340,15 +362,18 @@ class InferenceCore:
         return class_outputs(await self.engine.classify(model, inputs))
 
     def _response_limit(self, model: LoadedModel, wanted: Sequence[str],
-                        request: InferRequest, in_sequence: bool) -> Check:
+                        request: InferRequest, in_sequence: bool, top_k: int) -> Check:
         """A Check: the answer to a batch, the outputs wanted padded to its longest row
-        (an lm's rows are one token longer with add_eos; a classifier's are its classes),
-        each written as the binding writes it, must fit in one message."""
-        wide = narrow = 0  # bytes a column of the outputs [B, T] (or [B, C]), and [B, 1]
+        (an lm's rows are one token longer with add_eos; a classifier's are its classes;
+        the NEXT_ outputs' are `top_k` or the vocabulary wide), each written as the binding
+        writes it, must fit in one message."""
+        wide = narrow = 0  # bytes a column of the outputs [B, T] (or [B, C]), and a row's rest
         for index, name in enumerate(wanted):
-            datatype, dims = OUTPUTS[model.task][name]
+            datatype, dims = _outputs_of(model.task)[name]
             cost = _value_bytes(datatype, model.labels, request.json_output(index))
-            if dims == [-1]:
+            if name in NEXT_OUTPUTS:
+                narrow += cost * (top_k if name in TOP_K_OUTPUTS else len(model.vocab))
+            elif dims == [-1]:
                 wide += cost
             else:
                 narrow += cost
@@ -372,8 +397,8 @@ class InferenceCore:
 
     async def _sequence_step(self, model: LoadedModel, named: bool, sequence: str,
                              inputs: list[Input], parameters: Mapping[str, Any], client: str,
-                             limit: Callable[[LoadedModel], Check]
-                             ) -> tuple[LoadedModel, dict, dict]:
+                             limit: Callable[[LoadedModel, int], Check],
+                             wanted: Sequence[str]) -> tuple[LoadedModel, dict, dict]:
         """(the version that served, outputs, response parameters). `named`: the request
         named its version; one that does not goes on with the version its sequence started
         on, through a rollout."""
@@ -384,9 +409,17 @@ class InferenceCore:
         start, end = (_bool(parameters, "sequence_start", False),
                       _bool(parameters, "sequence_end", False))
         key = (model.name, sequence)
+        asks_top_k, whole = (any(n in TOP_K_OUTPUTS for n in wanted),
+                             "NEXT_LOGPROBS" in wanted)
+
+        def top_k_on(runs_on: LoadedModel) -> int:  # read (and checked) only where used
+            return _top_k(parameters, runs_on) if asks_top_k else 0
+
         if start:
-            step = await engine.create_session(model, item, client=client,
-                                               check=limit(model))
+            top_k = top_k_on(model)
+            step = await engine.create_session(model, item, top_k, client=client,
+                                               check=limit(model, top_k),
+                                               with_next_logprobs=whole)
             # the new session is made first: a refused start leaves the old one running
             if (old := self.sequences.get(key)) is not None and engine.has_session(old):
                 engine.close_session(old)  # forgets the key too
@@ -404,13 +437,15 @@ class InferenceCore:
                     named and runs_on is not model):
                 raise InvalidArgument("model_name", f"sequence {shown(sequence)} runs on "
                                       f"{runs_on.label}, not {model.label}")
-            step = await engine.append(session_id, item, allow_empty=True, client=client,
-                                       check=limit(runs_on))
+            top_k = top_k_on(runs_on)  # its vocabulary, not the one named's
+            step = await engine.append(session_id, item, top_k, allow_empty=True,
+                                       client=client, check=limit(runs_on, top_k),
+                                       with_next_logprobs=whole)
         if end and engine.has_session(step.session_id):
             engine.close_session(step.session_id)
         extra = ({"state_token": base64.b64encode(step.state_token).decode()}
                  if step.state_token else {})
-        return runs_on, session_outputs(runs_on, step), extra
+        return runs_on, session_outputs(runs_on, step, wanted), extra
 
 
 def _version(text: str, version_field: str) -> int:
@@ -419,6 +454,28 @@ def _version(text: str, version_field: str) -> int:
         raise InvalidArgument(version_field, f"must be a version number (ASCII digits) "
                               f"or empty, got {shown(text)}")
     return int(text or 0)
+
+
+def _outputs_of(task: str) -> dict[str, tuple[str, list[int]]]:
+    """Every output a request may name: those declared, and a language model's NEXT_."""
+    return {**OUTPUTS[task], **NEXT_OUTPUTS} if task == "lm" else OUTPUTS[task]
+
+
+def _first_next(wanted: Sequence[str]) -> int | None:
+    return next((i for i, name in enumerate(wanted) if name in NEXT_OUTPUTS), None)
+
+
+def _top_k(parameters: Mapping[str, Any], model: LoadedModel) -> int:
+    """K of NEXT_TOKEN_IDS and NEXT_TOKEN_LOGPROBS: 1 (the argmax) unless given."""
+    if "top_k" not in parameters:
+        return 1
+    value, vocabulary = parameters["top_k"], len(model.vocab)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument("parameters.top_k", "must be an int64")
+    if not 1 <= value <= vocabulary:
+        raise InvalidArgument("parameters.top_k", f"must be from 1 to {model.label}'s "
+                              f"vocabulary size {vocabulary}, got {value}")
+    return value
 
 
 def _value_bytes(datatype: str, labels: Sequence[str], as_json: bool) -> int:

@@ -4,6 +4,8 @@ Triton's JSON."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from serving.engine.repository import LoadedModel
@@ -36,10 +38,10 @@ def statistics_json(s: ModelStatistics) -> dict:
         "memory_usage": []}
 
 
-def session_outputs(model: LoadedModel, step: SessionStep) -> dict:
+def session_outputs(model: LoadedModel, step: SessionStep, wanted: Sequence[str]) -> dict:
     if model.task == "lm":
         scored = step.scored or Scored([], [], [], 0, 0.0)
-        return lm_outputs([scored])
+        return {**lm_outputs([scored]), **next_outputs(step, wanted)}
     if model.task == "tag":
         tagged = step.tagged or Tagged([], [], [], np.zeros((0, 0), np.float32))
         return tag_outputs([tagged])
@@ -47,6 +49,21 @@ def session_outputs(model: LoadedModel, step: SessionStep) -> dict:
         return {"LABEL": (np.array([[b""]], object), "BYTES"),
                 "CLASS_PROBS": (np.zeros((1, len(model.labels)), np.float32), "FP32")}
     return class_outputs([step.classified])
+
+
+def next_outputs(step: SessionStep, wanted: Sequence[str]) -> dict:
+    """The NEXT_ outputs of those `wanted`, as a batch of one: the step's top-k next tokens
+    (most likely first) and, if the step carries it, the whole next-token distribution."""
+    outputs = {}
+    if "NEXT_TOKEN_IDS" in wanted:
+        outputs["NEXT_TOKEN_IDS"] = (np.array([[i for i, _, _ in step.next_tokens]],
+                                              np.int64), "INT64")
+    if "NEXT_TOKEN_LOGPROBS" in wanted:
+        outputs["NEXT_TOKEN_LOGPROBS"] = (np.array([[lp for _, _, lp in step.next_tokens]],
+                                                   np.float32), "FP32")
+    if "NEXT_LOGPROBS" in wanted and step.next_logprobs is not None:
+        outputs["NEXT_LOGPROBS"] = (step.next_logprobs.reshape(1, -1), "FP32")
+    return outputs
 
 
 def _padded(rows: list[list], fill, dtype) -> np.ndarray:
