@@ -106,8 +106,10 @@ def serve_section(report: dict, cuda: dict | None) -> list[str]:
     rows = [
         "## Serving (`make bench-serve`)", "",
         "A 2-layer, 650-unit LSTM over 10,000 words (random weights) exported through the "
-        "normal path; `recur serve` as its own process against the runtime called in "
-        "process, client and server on the same machine (`bench/serve.py`). Each comparison "
+        "normal path; `recur serve` as its own process (prefix cache off: the scoring rounds "
+        "repeat their sentences, which it would answer from memory) against the runtime "
+        "called in process, client and server on the same machine (`bench/serve.py`). Each "
+        "comparison "
         "alternates its two sides in rounds; ratios are medians over the rounds.", "",
         "| measure | value | target |", "|---|---|---|",
         f"| no-op unary RPC (health Check), p50 | {s['noop_rpc_ms_p50']:.3f} ms | |",
@@ -125,6 +127,10 @@ def serve_section(report: dict, cuda: dict | None) -> list[str]:
         f"| 64 completion streams, tokens/s | {s['streams_64_tokens_per_s']:,.0f} | |",
         f"| ... / in-process B=64 decoding with sampling ({p['decode_b64_tokens_per_s']:,.0f} "
         f"tokens/s) | {100 * report['streams_vs_in_process']:.0f}% | >= 70% |",
+        *([f"| 64 packed streams (stream_interval_ms = {report['packed_interval_ms']}), "
+           f"tokens/s | {s['streams_64_packed_tokens_per_s']:,.0f} "
+           f"({100 * report['streams_packed_vs_in_process']:.0f}% of in-process) | >= 75% |"]
+          if "streams_64_packed_tokens_per_s" in s else []),
         f"| ... / the streams one at a time ({s['streams_one_at_a_time_tokens_per_s']:,.0f} "
         f"tokens/s) | {report['streams_vs_one_at_a_time']:.1f}x | >= 4x |",
         f"| Score tokens/s / in-process scoring of the same batches "
@@ -137,6 +143,8 @@ def serve_section(report: dict, cuda: dict | None) -> list[str]:
         "Against that (a step, then a no-op RPC) an Append's own cost is the \"step, then "
         "no-op\" row. The 64 streams share the machine's cores between the ONNX Runtime "
         "call, gRPC's per-message work on the server, and the benchmark's client."]
+    if (steps := report.get("incremental")) is not None:
+        rows += incremental_rows(steps)
     if cuda is not None:
         cs, cp = cuda["server"], cuda["in_process"]
         rows += ["", "On a GPU (`python -m bench.serve --device cuda`, bench/results/"
@@ -151,6 +159,48 @@ def serve_section(report: dict, cuda: dict | None) -> list[str]:
                  "on the GPU, the server's per-message Python and gRPC work is what limits a "
                  "replica; more replicas give more throughput."]
     return rows
+
+
+def incremental_rows(r: dict) -> list[str]:
+    """bench/steps.py: many sessions stepping one token per request."""
+    def met(key: str) -> str:
+        return next(("met" if ok else "not met") for name, ok in r["targets"].items()
+                    if name.startswith(key))
+
+    batch, cpu = r["mean_batch_rows"], r.get("server_cpu_ms_per_request", {})
+    loop = r.get("server_loop_cpu_ms_per_request", {})
+
+    def server_cpu(name: str) -> str:
+        return (f"; server CPU {cpu[name]:.2f} ms a request, {loop[name]:.2f} of it the "
+                "event loop's" if name in cpu else "")
+
+    return [
+        "", "### Many sessions, one token a request (`bench/steps.py`)", "",
+        f"A 2-layer, 256-unit LSTM over 10,000 words (random weights): {r['sessions']} "
+        f"sessions (or V2 sequences, or scoring clients), each a closed loop of "
+        f"{r['steps_per_session']} requests, grpc.aio clients in the benchmark's process on "
+        "the same cores as the server, against the same work batched in process; "
+        f"{r['rounds']} rounds, medians. Rows per call are the server's own statistics.", "",
+        "| workload | tokens/s | / in process | rows per call | target |", "|---|---|---|---|---|",
+        f"| in process, B = 64 one-token steps | "
+        f"{r['in_process_b64_steps_tokens_per_s']:,.0f} | | 64 | |",
+        f"| 64 sessions, recur.v1 Append{server_cpu('appends')} | "
+        f"{r['appends_64_tokens_per_s']:,.0f} | {100 * r['appends_64_vs_in_process']:.1f}% | "
+        f"{batch['appends']:.1f} | >= 25% ({met('appends')}) |",
+        f"| 64 V2 sequences, ModelInfer{server_cpu('sequences')} | "
+        f"{r['v2_sequences_64_tokens_per_s']:,.0f} | "
+        f"{100 * r['v2_sequences_64_vs_in_process']:.1f}% | {batch['sequences']:.1f} | "
+        f">= 20% ({met('v2_sequences')}) |",
+        f"| 64 clients scoring 35-token sequences (each new) | "
+        f"{r['scores_64_clients_tokens_per_s']:,.0f} | "
+        f"{100 * r['scores_64_clients_vs_in_process']:.0f}% of "
+        f"{r['in_process_score_b64_tokens_per_s']:,.0f} | {batch['scores']:.1f} | "
+        f">= 70% ({met('scores')}) |",
+        "",
+        f"One session's Append p50 {r['append_ms_p50']:.3f} ms against a no-op RPC "
+        f"{r['noop_rpc_ms_p50']:.3f} ms plus an in-process step {r['step_b1_ms_p50']:.3f} ms: "
+        f"{r['append_overhead_ms']:.3f} ms over (target <= 0.5 ms, "
+        f"{met('append_overhead')})."]
 
 
 def _rows(mc: dict, side: str) -> str:
@@ -252,6 +302,46 @@ def cache_section(report: dict) -> list[str]:
         "evictions."]
 
 
+def quant_section(report: dict) -> list[str]:
+    f, q, source = report["float32"], report["int8"], report["source"]
+    low, high = min(report["score_speedup_per_round"]), max(report["score_speedup_per_round"])
+    model = (f"a {source['layers']} x {source['hidden']} {source['cell'].upper()} over "
+             f"{source['vocab']:,} words")
+    model += (" with random weights (`--random-model`: speed only)"
+              if report["mode"] == "random-model" else f", trained (`{source['model']}`)")
+    rows = ["## int8 quantization (`make bench-quant`)", "",
+            f"`recur export --quantize int8` against the float32 export of the same model, "
+            f"{model}, both through the serving runtime (`bench/quant.py`); the two take turns "
+            "in rounds. Scoring reads the test split (random ids for a random model) in "
+            f"{report['rows']} columns, {report['window']} steps a call with the state "
+            "carried; a step is one token (B = 1) from a carried state, as decoding runs.", "",
+            "| measure | float32 | int8 | int8 vs float32 |", "|---|---|---|---|",
+            f"| scoring tokens/s | {f['score_tokens_per_s']:,.0f} | "
+            f"{q['score_tokens_per_s']:,.0f} | {report['score_speedup']:.2f}x the speed "
+            f"(rounds {low:.2f}-{high:.2f}) |",
+            f"| one-token step, ms | {f['step_b1_ms']:.3f} | {q['step_b1_ms']:.3f} | "
+            f"{report['step_b1_speedup']:.2f}x the speed |",
+            f"| model.onnx, MB | {f['onnx_mb']:.1f} | {q['onnx_mb']:.1f} | "
+            f"{q['onnx_mb'] / f['onnx_mb']:.2f}x the size |"]
+    test, export = report.get("test"), report["export"]
+    if test is not None:
+        rows.append(f"| test perplexity ({test['tokens']:,} tokens) | {test['ppl_float32']:.2f} "
+                    f"| {test['ppl_int8']:.2f} | {100 * test['relative_ppl_cost']:+.2f}% |")
+        rows.append(f"| validation perplexity at export ({export['tokens']:,} tokens) | "
+                    f"{export['validation_ppl_float32']:.2f} | "
+                    f"{export['validation_ppl_int8']:.2f} | "
+                    f"{100 * export['relative_ppl_cost']:+.2f}% |")
+    nodes = export["nodes"]
+    rows += ["", f"Medians over {report['rounds']} rounds; the speed ratio is the median of "
+             f"the per-round ratios. The int8 graph has {nodes['int8_products']} int8 products "
+             f"({nodes['in_recurrence_bodies']} in the recurrence's Loop bodies, "
+             f"{nodes['in_output_head']} in the output head) and no float32 one; its log-probs "
+             f"are within {export['max_logprob_diff']:.1e} of float32's on the export's "
+             f"verification batches. Scheme: {report['scheme']}. {report['machine']}, "
+             f"{report['date']}."]
+    return rows
+
+
 def gpu_section(report: dict) -> list[str]:
     rows = ["## The Loop graph on CUDA (`make bench-gpu`)", "",
             "The exported graph through the serving runtime on ONNX Runtime's CUDA provider "
@@ -346,8 +436,8 @@ def render(results: Path = RESULTS) -> str:
         parts.append(serve_section(serve, _load("serve-cuda", results)))
     if (cache := _load("cache", results)) is not None:
         parts.append(cache_section(cache))
-    for name, section in (("gpu", gpu_section), ("soak", soak_section),
-                          ("fuzz", fuzz_section)):
+    for name, section in (("quant", quant_section), ("gpu", gpu_section),
+                          ("soak", soak_section), ("fuzz", fuzz_section)):
         if (data := _load(name, results)) is not None:
             parts.append(section(data))
     return "\n\n".join("\n".join(p) for p in parts) + "\n"

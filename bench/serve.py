@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import signal
 import statistics
@@ -27,6 +28,7 @@ import onnxruntime as ort
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import steps
 from bench.common import cpu, lm_artifact, now
 from bench.report import save_results
 from serving.client import RecurClient
@@ -96,13 +98,13 @@ class InProcess:
             self.runtime.score(sentences[i:i + 64])
 
 
-def start_server(repository: Path, threads: int, spin: bool,
-                 device: str) -> tuple[subprocess.Popen, str]:
+def start_server(repository: Path, threads: int, spin: bool, device: str,
+                 *flags: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "recur", "serve", "--model-repository", str(repository),
          "--port", "0", "--metrics-port", "-1", "--threads", str(threads), "--device", device,
          "--max-completion-tokens", "100000", "--log-level", "WARNING",
-         "--spin-threads" if spin else "--no-spin-threads"],
+         "--spin-threads" if spin else "--no-spin-threads", *flags],
         stdout=subprocess.PIPE, text=True)
     match = re.search(r"listening on ([\d.]+:\d+)", process.stdout.readline())
     if match is None:
@@ -111,15 +113,21 @@ def start_server(repository: Path, threads: int, spin: bool,
     return process, match[1]
 
 
-async def concurrent_streams(target: str, count: int) -> float:
+# packed streams (CompleteRequest.stream_interval_ms): tokens gathered for up to this long
+PACKED_INTERVAL_MS = 20
+
+
+async def concurrent_streams(target: str, count: int, interval_ms: int = 0) -> float:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.LanguageModelStub(channel)
 
         async def one(seed: int) -> int:
             request = pb.CompleteRequest(model=pb.ModelRef(name="bench-lstm"),
                                          prompt=pb.Input(text=""), max_tokens=STREAM_TOKENS,
-                                         temperature=1.0, seed=seed)
-            return sum([1 async for event in stub.Complete(request) if event.HasField("token")])
+                                         temperature=1.0, seed=seed,
+                                         stream_interval_ms=interval_ms)
+            return sum([len(event.tokens) + event.HasField("token")
+                        async for event in stub.Complete(request)])
 
         started = time.perf_counter()
         tokens = await asyncio.gather(*(one(seed) for seed in range(count)))
@@ -164,16 +172,20 @@ def latencies(local: InProcess, client: RecurClient, health, per_round: int) -> 
 def measure(path: Path, repository: Path, threads: int, spin: bool,
             sentences: list[list[int]], device: str = "cpu") -> dict:
     local = InProcess(path, threads, spin, device)
-    process, target = start_server(repository, threads, spin, device)
+    # no prefix cache: the scoring rounds repeat their sentences, which it would serve
+    # from memory (bench/cache.py measures it)
+    process, target = start_server(repository, threads, spin, device, "--prefix-cache-mib", "0")
     try:
         with grpc.insecure_channel(target) as channel:
             client = RecurClient(target, channel=channel)
             lat = latencies(local, client, health_pb2_grpc.HealthStub(channel), 40)
             asyncio.run(concurrent_streams(target, 4))  # warm-up
             local.decode()
-            streams, decode, alone = [], [], []
+            streams, packed, decode, alone = [], [], [], []
             for _ in range(3):
                 streams.append(asyncio.run(concurrent_streams(target, STREAMS)))
+                packed.append(asyncio.run(concurrent_streams(target, STREAMS,
+                                                             PACKED_INTERVAL_MS)))
                 decode.append(local.decode())
                 alone.append(asyncio.run(concurrent_streams(target, 1)))
 
@@ -208,6 +220,7 @@ def measure(path: Path, repository: Path, threads: int, spin: bool,
                    "append_ms_p50_history_10000": ms * statistics.median(r["append_10000"]),
                    "append_ms_p99_history_10000": percentile(every["append_10000"], 99),
                    "streams_64_tokens_per_s": statistics.median(streams),
+                   "streams_64_packed_tokens_per_s": statistics.median(packed),
                    "streams_one_at_a_time_tokens_per_s": statistics.median(alone),
                    "score_tokens_per_s": scored / statistics.median(served)},
         "rounds": ROUNDS,
@@ -222,6 +235,9 @@ def measure(path: Path, repository: Path, threads: int, spin: bool,
             [b / a for a, b in zip(r["append_10"], r["append_10000"], strict=True)]),
         "streams_vs_in_process": statistics.median(
             [s / d for s, d in zip(streams, decode, strict=True)]),
+        "packed_interval_ms": PACKED_INTERVAL_MS,
+        "streams_packed_vs_in_process": statistics.median(
+            [s / d for s, d in zip(packed, decode, strict=True)]),
         "streams_vs_one_at_a_time": statistics.median(
             [s / a for s, a in zip(streams, alone, strict=True)]),
         "score_vs_in_process": statistics.median(
@@ -238,24 +254,44 @@ def main() -> None:
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda (both sides; results to "
                              "bench/results/serve-cuda.json)")
+    parser.add_argument("--only", choices=["base", "incremental"],
+                        help="run one part: the 2 x 650 model's latency, streams and scoring "
+                             "(base), or many sessions stepping on the 2 x 256 model "
+                             "(incremental); results then go to --out only")
+    parser.add_argument("--out", type=Path,
+                        help="also write the results here (with --only, only here)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     sentences = [[int(t) for t in rng.integers(2, VOCAB, int(rng.integers(10, 30)))] + [1]
                  for _ in range(512)]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = make_model(Path(tmp))
-        measured = measure(path, Path(tmp), args.threads, args.spin_threads, sentences,
-                           args.device)
+    measured: dict = {}
+    if args.only != "incremental":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = make_model(Path(tmp))
+            measured = measure(path, Path(tmp), args.threads, args.spin_threads, sentences,
+                               args.device)
+        measured["append_target_met"] = measured["append_overhead_ms"] <= 0.2
+    if args.only != "base":
+        with tempfile.TemporaryDirectory() as tmp:
+            measured["incremental"] = steps.measure(
+                Path(tmp), args.threads,
+                lambda repository: start_server(repository, args.threads, args.spin_threads,
+                                                args.device))
     report = {
         "date": now(),
         "machine": f"{cpu()}, {args.threads} ONNX Runtime "
                    f"threads, onnxruntime {ort.__version__}, grpcio {grpc.__version__}",
         "device": args.device,
-        "model": f"LSTM {LAYERS}x{HIDDEN}, V={VOCAB}, random weights",
+        **({"model": f"LSTM {LAYERS}x{HIDDEN}, V={VOCAB}, random weights"}
+           if args.only != "incremental" else {}),
         "spin_threads": args.spin_threads, **measured,
-        "append_target_met": measured["append_overhead_ms"] <= 0.2,
     }
-    save_results("serve" if args.device == "cpu" else f"serve-{args.device}", report)
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.only is None:
+        save_results("serve" if args.device == "cpu" else f"serve-{args.device}", report)
+    else:
+        print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
