@@ -4,15 +4,21 @@ never for a lone session or one that left."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.engine.batch_fill import INITIAL_ROUND_TRIP_S, MAX_WINDOW_S, Returning
+from serving.engine.batch_fill import (
+    INITIAL_ROUND_TRIP_S,
+    MAX_WINDOW_S,
+    PROBE_EVERY,
+    Returning,
+)
 from serving.engine.metrics import Metrics
-from serving.engine.scheduler import BatchLimits, Scheduler
+from serving.engine.scheduler import BatchLimits, Scheduler, Step
 from serving.model.runtime import ModelRuntime
 from tests.serving_helpers import RunningServer
 
@@ -55,6 +61,17 @@ def test_the_round_trip_estimate_grows_back():
         now += 0.008
         returning.came_back("a", now)
     assert returning.round_trip_s > 0.006
+
+
+def test_waits_that_bring_nothing_stop_but_are_retried():
+    returning = Returning()
+    assert returning.worth_waiting()
+    returning.waited(0)  # a wait that brought no step
+    chances = [returning.worth_waiting() for _ in range(3 * PROBE_EVERY)]
+    assert chances.count(True) == 3  # one probe in PROBE_EVERY
+    for _ in range(5):
+        returning.waited(6)  # the probes paid: waiting is on again
+    assert all(returning.worth_waiting() for _ in range(10))
 
 
 def test_answers_drop_stale_entries():
@@ -169,6 +186,30 @@ def test_a_lone_session_never_waits(runtime):
     assert _waits(metrics) == 0
 
 
+def test_one_client_stepping_sessions_in_turn_stops_waiting(runtime):
+    """A client that steps sessions A, B, A, B... sends B only once A is answered: B is
+    "expected" while A waits, and would be waited for at every step; waits that bring
+    nothing stop (one probe in PROBE_EVERY chances)."""
+    metrics = Metrics()
+
+    async def main() -> None:
+        scheduler = Scheduler(runtime, "demo-lm/1", BatchLimits(max_fill_wait_s=1.0),
+                              metrics)
+        scheduler.start()
+        state = runtime.initial_state(1)[:, 0]
+        try:
+            for turn in range(200):
+                key = "ab"[turn % 2]
+                tokens = np.array([3], np.int64)
+                await scheduler.run(tokens, state, tokens, key=key)
+                scheduler.answered(key)
+        finally:
+            await scheduler.close()
+
+    asyncio.run(main())
+    assert 1 <= _waits(metrics) <= 2 + 200 // PROBE_EVERY
+
+
 def test_sessions_that_closed_are_not_waited_for(runtime):
     # eleven of twelve sessions close after 3 turns; the last steps on alone, never waiting
     rows, metrics, probes = _closed_loop(runtime, BatchLimits(max_fill_wait_s=1.0), 12, 10,
@@ -198,3 +239,26 @@ def test_the_engine_marks_whole_appends_answered(model_repository, tmp_path):
         assert len(scheduler.returning) == 0
     finally:
         server.stop()
+
+
+def test_a_lone_step_runs_on_the_loop_unless_sessions_paying_to_wait_for_are_due(runtime):
+    """The loop's thread runs a lone quick step, except while other sessions are expected
+    back and waiting for them has been paying (the step would then hold their requests
+    up); sessions that do not come back soon (waits not paying) do not stop it."""
+    async def main() -> list[bool]:
+        scheduler = Scheduler(runtime, "demo-lm/1", BatchLimits(max_inline_step_s=1.0),
+                              Metrics())
+        scheduler.lone_step_s = 1e-4  # measured quick
+        state = runtime.initial_state(1)[:, 0]
+        step = [Step(np.array([3]), state, np.array([3]),
+                     asyncio.get_running_loop().create_future(), 0.0, key="s")]
+        seen = [scheduler._inline(step)]
+        scheduler.returning.answered("other", time.perf_counter())
+        scheduler.returning.gain_steps = 5.0  # waits for sessions have been paying
+        seen.append(scheduler._inline(step))
+        scheduler.returning.gain_steps = 0.0  # they have not
+        seen.append(scheduler._inline(step))
+        await scheduler.close()
+        return seen
+
+    assert asyncio.run(main()) == [True, False, True]

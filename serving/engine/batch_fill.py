@@ -22,14 +22,19 @@ waited for), and before a call waits for them, up to a bound:
   default). Two round trips bring back nearly every session that is coming; a call's
   time is what one more call would cost anyway, so such a wait at worst doubles a step's
   time;
-- a lone session never waits: its own step is the one it would wait for.
+- a lone session never waits: its own step is the one it would wait for;
+- waits must pay: the scheduler records how many steps each wait brought, and while the
+  recent average is under one step (one client stepping several sessions in turn, each
+  sent only after the last is answered; sessions whose round trips outlast the budget)
+  it stops waiting, trying one wait in PROBE_EVERY chances to notice when they would pay
+  again.
 
 Measured on the two cores of the benchmark machine, the grpc.aio clients on the same
-cores (bench/steps.py's workload, the wait on against off in alternating rounds): 8
-sessions of one-token Appends ran 2.0x the tokens/s (calls of 7.3 rows against 1.3, when
-without the wait each lone step ran on the loop's thread); 64 sessions ran 1.06x (28
-rows against 7), the event loop's per-request work (about 0.45 ms, most of it gRPC's)
-being what limits them.
+cores (bench/steps.py's workload, the wait on against off in alternating rounds, two
+runs): 8 sessions of one-token Appends ran 1.8-2.0x the tokens/s (calls of 7.3-7.5 rows
+against 1.3, when without the wait each lone step ran on the loop's thread); 64 sessions
+ran 1.06-1.07x (28 rows against 7-17), the event loop's per-request work (about 0.45 ms,
+most of it gRPC's) being what limits them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ INITIAL_ROUND_TRIP_S = 0.001
 MAX_WINDOW_S = 0.05
 # weight of the newest round trip in the running estimate
 SMOOTHING = 0.1
+# a wait must bring at least this many steps on average (a running mean, newest weighted
+# GAIN_SMOOTHING) for batches to go on waiting; while they do not, one chance to wait in
+# PROBE_EVERY is still taken
+MIN_GAIN_STEPS = 1.0
+GAIN_SMOOTHING = 0.2
+PROBE_EVERY = 64
 
 
 class Returning:
@@ -51,6 +62,8 @@ class Returning:
     def __init__(self) -> None:
         self._answered: dict[str, float] = {}  # session key -> when its step was answered
         self.round_trip_s = INITIAL_ROUND_TRIP_S
+        self.gain_steps = MIN_GAIN_STEPS  # steps a wait brought, a running mean
+        self._passed = 0  # chances to wait passed up since waits stopped paying
 
     def __len__(self) -> int:
         return len(self._answered)
@@ -63,6 +76,26 @@ class Returning:
         """How long a batch may wait for the sessions expected back (before the
         scheduler's own bound): two round trips, or one call of `call_s`, the longer."""
         return max(call_s, 2 * self.round_trip_s)
+
+    @property
+    def paying(self) -> bool:
+        """Whether recent waits brought steps (the sessions expected do come back soon)."""
+        return self.gain_steps >= MIN_GAIN_STEPS
+
+    def worth_waiting(self) -> bool:
+        """Whether to take this chance to wait: yes while waits pay, else one in
+        PROBE_EVERY."""
+        if self.paying:
+            return True
+        self._passed += 1
+        if self._passed >= PROBE_EVERY:
+            self._passed = 0
+            return True
+        return False
+
+    def waited(self, steps: int) -> None:
+        """A wait ended with `steps` more steps pending than it began with."""
+        self.gain_steps += GAIN_SMOOTHING * (steps - self.gain_steps)
 
     def answered(self, key: str, now: float) -> None:
         """`key`'s request is done: it is expected back. Entries gone stale are dropped

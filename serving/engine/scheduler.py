@@ -268,8 +268,8 @@ class Scheduler:
     async def _fill(self) -> None:
         """Waits for the sessions expected back (batch_fill.py) while the next batch is
         one of one-token steps, with fewer than a full batch pending and at least half as
-        many sessions expected as steps pending: until they are all queued, or the fill
-        budget after the oldest pending step was queued."""
+        many sessions expected as steps pending, and waits have been paying: until they
+        are all queued, or the fill budget after the oldest pending step was queued."""
         now = time.perf_counter()
         if self._count >= self.limits.max_batch_size or self.call_s is None:
             return
@@ -282,8 +282,9 @@ class Scheduler:
             return
         oldest = oldest_bucket[0].enqueued
         budget = min(self.limits.max_fill_wait_s, self.returning.budget_s(self.call_s))
-        if (wait := oldest + budget - now) <= 0:
+        if (wait := oldest + budget - now) <= 0 or not self.returning.worth_waiting():
             return
+        pending = self._count
         self._fill_target = min(self.limits.max_batch_size, self._count + expected)
         self._wake.clear()
         timer = asyncio.get_running_loop().call_later(wait, self._wake.set)
@@ -293,6 +294,7 @@ class Scheduler:
             timer.cancel()
             self._fill_target = None
             self._fill_wait.observe(time.perf_counter() - now)
+            self.returning.waited(self._count - pending)
 
     def _account(self, batch: list[Step], started: float,
                  times: tuple[float, float, float]) -> None:
@@ -315,9 +317,12 @@ class Scheduler:
 
     def _inline(self, batch: list[Step]) -> bool:
         """Whether the batch may run on the loop's thread: a lone one-token step, nothing
-        else waiting or expected back, known to be quick."""
+        else waiting, known to be quick, and no session expected back soon (sessions are
+        expected back soon while waits for them pay: a step on the loop's thread would
+        then hold up their requests)."""
         return (len(batch) == 1 and self._count == 0 and len(batch[0].tokens) == 1
-                and not self.returning.expected(time.perf_counter())
+                and not (self.returning.paying
+                         and self.returning.expected(time.perf_counter()))
                 and self.lone_step_s is not None
                 and self.lone_step_s < self.limits.max_inline_step_s)
 
