@@ -89,12 +89,26 @@ def test_an_interval_gathers_tokens_but_never_holds_back_the_first(server):
     for at, message in firsts.values():
         assert len(message.tokens) == 1 and not message.finish_reason
         assert at < 0.5, f"the first token came after {at:.2f} s"  # not held for the 1 s
-    # the rest, gathered for the interval, came with the closing messages
+    # the rest, gathered for the interval, came with the closing messages, and as soon as
+    # the samples ended: an interval never holds back a stream's end
     assert len(arrivals) < 3 * 30
-    assert arrivals[-1][0] >= 0.9
+    assert arrivals[-1][0] < 0.5, f"the end came after {arrivals[-1][0]:.2f} s"
     ends = [m for _, m in arrivals if m.finish_reason]
     assert len(ends) == 3 and any(len(m.tokens) > 1 for m in ends)
     assert all(len(tokens) == 30 for tokens, _, _ in samples_of(m for _, m in arrivals).values())
+
+
+def test_an_interval_paces_each_sample_however_many_there_are(server):
+    """With n = 16 samples of 100 tokens and a 1 s interval, each sample's messages are
+    its first token, then what gathered until the stream ended or its buffer filled: a
+    handful, not one per few tokens (a round is not cut at 256 events across samples)."""
+    stub = server.client.language_model
+    messages: dict[int, int] = {}
+    for message in stub.Complete(request("endless", 1, max_tokens=100, n=16, seed=2,
+                                         stream_interval_ms=1000)):
+        messages[message.index] = messages.get(message.index, 0) + 1
+    assert sorted(messages) == list(range(16))
+    assert max(messages.values()) <= 4, messages
 
 
 def test_a_round_that_holds_a_first_token_sends_it_alone(server):

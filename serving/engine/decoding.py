@@ -11,6 +11,7 @@ reads slowly holds back only its own completion, by at most WRITE_AHEAD events a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -124,12 +125,31 @@ class CompletionStream:
         self._queue: asyncio.Queue = asyncio.Queue()  # bounded by _room, so _END always fits
         self._room = asyncio.Semaphore(limit)
         self._cancelled = False
+        self.capacity = limit
+        # set when the loop ends or the buffer fills: what a packing writer waits on
+        self._settled = asyncio.Event()
         self._task = asyncio.ensure_future(produce(self._emit))
-        self._task.add_done_callback(lambda _: self._queue.put_nowait(self._END))
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, _task) -> None:
+        self._queue.put_nowait(self._END)
+        self._settled.set()
 
     async def _emit(self, event: Event) -> None:
         await self._room.acquire()
         self._queue.put_nowait(event)
+        if self._room.locked():  # full: the loop now waits for the reader
+            self._settled.set()
+
+    async def gather(self, seconds: float) -> None:
+        """Waits up to `seconds` for more events to gather, returning early once the loop
+        has ended or the buffer is full (the loop then waits for the reader, so waiting
+        longer would only slow the stream)."""
+        self._settled.clear()
+        if self._task.done() or self.full():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), seconds)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self
@@ -149,12 +169,12 @@ class CompletionStream:
         self._room.release()
         return item
 
-    def ready(self, limit: int) -> list[Event]:
-        """Up to `limit` events already produced, in order, without waiting: for a caller
-        that writes several in one message. The loop's end (or its error) is left for
-        the iterator to raise."""
+    def ready(self) -> list[Event]:
+        """The events already produced (at most `capacity`), in order, without waiting:
+        for a caller that writes several in one message. The loop's end (or its error) is
+        left for the iterator to raise."""
         taken: list[Event] = []
-        while len(taken) < limit and not self._queue.empty():
+        while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is self._END:  # always the last item: put back, nothing follows it
                 self._queue.put_nowait(item)

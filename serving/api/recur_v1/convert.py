@@ -171,6 +171,9 @@ class StreamPacker:
                 messages.append(self._message(index, sample_tokens[:1], None))
                 sample_tokens = sample_tokens[1:]
             self.started.add(index)
+            while len(sample_tokens) > MAX_PACKED_TOKENS:  # at most that many a message
+                messages.append(self._message(index, sample_tokens[:MAX_PACKED_TOKENS], None))
+                sample_tokens = sample_tokens[MAX_PACKED_TOKENS:]
             if sample_tokens or index in finishes:
                 messages.append(self._message(index, sample_tokens, finishes.get(index)))
         return messages

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import grpc
 
 from serving.api.recur_v1.convert import (
-    MAX_PACKED_TOKENS,
     TOKEN_OVERHEAD,
     StreamPacker,
     completion_message,
@@ -30,7 +29,7 @@ from serving.api.recur_v1.convert import (
 from serving.api.rpc.auth import peer_of
 from serving.api.rpc.handlers import message, record, rpc, until_closing
 from serving.api.rpc.status import code_of
-from serving.engine.decoding import CompletionStream
+from serving.engine.decoding import CompletionStream, FinishEvent
 from serving.engine.engine import Engine
 from serving.engine.errors import EngineError, Unavailable
 from serving.engine.stats import request_scope
@@ -189,22 +188,22 @@ class LanguageModelService(pb_grpc.LanguageModelServicer):
     async def _write_packed(stream: CompletionStream, packer: StreamPacker, context,
                             interval: float) -> None:
         """A packed stream: each round takes every event that came while the last writes
-        were pending (at most MAX_PACKED_TOKENS), after waiting out `interval` since those
-        writes unless the round holds a sample's first token; a round of
-        MAX_PACKED_TOKENS waits for none. The stream holds at most a bounded number of
-        events per sample (decoding.py), so with few samples a long interval caps a
-        sample's rate at about that many tokens an interval: the interval is the client's
-        trade of latency for fewer messages."""
+        were pending, after gathering more for what is left of `interval` since those
+        writes, unless the round holds a sample's first token or a sample's end. The
+        gathering ends early when the decoding loop ends or the stream's buffer fills
+        (the loop then waits for this writer), so an interval never holds back the end
+        of a stream or slows one the client reads behind."""
         loop, written = asyncio.get_running_loop(), -math.inf
         async for event in stream:
-            events = [event, *stream.ready(MAX_PACKED_TOKENS - 1)]
+            events = [event, *stream.ready()]
             wait = written + interval - loop.time()
-            if wait > 0 and not packer.holds_first_token(events):
-                await asyncio.sleep(wait)
-                events += stream.ready(MAX_PACKED_TOKENS - len(events))
+            if wait > 0 and not packer.holds_first_token(events) and not any(
+                    isinstance(e, FinishEvent) for e in events):
+                await stream.gather(wait)
+                events += stream.ready()
             for response in packer.messages(events):
                 await context.write(response)
-            written = -math.inf if len(events) >= MAX_PACKED_TOKENS else loop.time()
+            written = loop.time()
 
     # -- sessions -------------------------------------------------------------------------
     @rpc(SERVICE)
