@@ -25,7 +25,7 @@ from serving_helpers import RunningServer
 from tritonclient.utils import InferenceServerException
 
 from serving.api.inference_v2 import rest
-from serving.api.inference_v2.core import InferResult, OutputTensor
+from serving.api.inference_v2.messages import InferResult, OutputTensor
 from serving.api.inference_v2.tensors import encode_bytes
 from serving.proto_gen.inference import grpc_service_pb2 as v2
 from serving.proto_gen.inference import grpc_service_pb2_grpc as v2_grpc

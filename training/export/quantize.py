@@ -64,7 +64,13 @@ from serving.model.runtime import ModelRuntime
 from serving.model.tokenizer import LabelSet, Vocabulary
 from training.data.batching import columns
 from training.data.readers import CorpusError
-from training.export.verify import CASES, _graph_outputs, _valid_mask, verify
+from training.export.verify import (
+    CASES,
+    _graph_outputs,
+    _valid_mask,
+    verification_inputs,
+    verify,
+)
 from training.models.language_model import RecurrentLM
 
 QUANTIZE_CHOICES = ("int8",)
@@ -237,23 +243,6 @@ def _node_summary(model: onnx.ModelProto) -> dict:
 
 
 # -- measurements --------------------------------------------------------------------------
-def _verification_inputs(runtime: ModelRuntime, seed: int, cases) -> Iterator[tuple]:
-    """The inputs verify() draws (training/export/verify.py: the same generator, seed and
-    order), so the int8 graph is checked on the batches the float32 export was."""
-    generator = torch.Generator().manual_seed(seed)
-    vocab = len(runtime.vocab)
-    for batch, steps in cases:
-        tokens = torch.randint(0, vocab, (batch, steps), generator=generator)
-        lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
-        lengths[0] = steps
-        state = None
-        if runtime.incremental:
-            state = 0.5 * torch.randn(runtime.layers, batch, runtime.state_size,
-                                      generator=generator)
-        targets = torch.randint(0, vocab, (batch, steps), generator=generator)
-        yield tokens, lengths, state, targets
-
-
 def compare(float32: ModelRuntime, int8: ModelRuntime, seed: int = 0, cases=CASES) -> dict:
     """The int8 graph against the float32 one on the verification inputs: per output, the
     largest absolute difference (greedy_tokens: the float32 log-prob its choices give up),
@@ -264,7 +253,9 @@ def compare(float32: ModelRuntime, int8: ModelRuntime, seed: int = 0, cases=CASE
     worst: dict[str, float] = {}
     agree = positions = 0
     batch_dependence = 0.0
-    for tokens, lengths, state, targets in _verification_inputs(float32, seed, cases):
+    for tokens, lengths, state, targets in verification_inputs(
+            len(float32.vocab), float32.layers, float32.state_size, float32.incremental,
+            seed, cases):
         valid = _valid_mask(lengths, tokens.shape[1])
         names = float32.output_names
         reference = _graph_outputs(float32, tokens, lengths, state, targets, names)

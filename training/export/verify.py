@@ -20,6 +20,7 @@ is allowed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -89,6 +90,23 @@ def _graph_outputs(runtime: ModelRuntime, tokens, lengths, state, targets,
     return outputs
 
 
+def verification_inputs(vocab: int, layers: int, state_size: int, with_state: bool,
+                        seed: int = 0, cases=CASES) -> Iterator[tuple]:
+    """The random batches a graph is checked on, in order: per case (batch, steps) the
+    tokens, lengths (the first row full), a state ([layers, batch, state_size], or None
+    without one) and targets, all from one generator seeded `seed`, so every check of an
+    export (verify, and quantize.compare against float32) sees the same inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    for batch, steps in cases:
+        tokens = torch.randint(0, vocab, (batch, steps), generator=generator)
+        lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+        lengths[0] = steps  # at least one full row
+        state = (0.5 * torch.randn(layers, batch, state_size, generator=generator)
+                 if with_state else None)
+        targets = torch.randint(0, vocab, (batch, steps), generator=generator)
+        yield tokens, lengths, state, targets
+
+
 @torch.inference_mode()
 def verify(model: torch.nn.Module, runtime: ModelRuntime, seed: int = 0, cases=CASES,
            factor: float = FACTOR, floor: float = FLOOR, ceiling: float = CEILING) -> dict:
@@ -97,23 +115,15 @@ def verify(model: torch.nn.Module, runtime: ModelRuntime, seed: int = 0, cases=C
     ExportMismatch when any output is outside what is allowed."""
     model.eval()
     reference = copy.deepcopy(model).double().eval()
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.embedding.weight.shape[0]
     graph_err: dict[str, float] = {}
     torch_err: dict[str, float] = {}
     graph_vs_torch: dict[str, float] = {}
-    for batch, steps in cases:
-        tokens = torch.randint(0, vocab, (batch, steps), generator=generator)
-        lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
-        lengths[0] = steps  # at least one full row
-        valid = _valid_mask(lengths, steps)
+    for tokens, lengths, state, targets in verification_inputs(
+            model.embedding.weight.shape[0], model.stack.num_layers, model.stack.state_size,
+            runtime.incremental, seed, cases):
+        valid = _valid_mask(lengths, tokens.shape[1])
         masks = {name: valid for name in ("token_logprobs", "greedy_tokens",
                                           "greedy_logprobs", "tag_logprobs")}
-        state = None
-        if runtime.incremental:
-            state = 0.5 * torch.randn(model.stack.num_layers, batch, model.stack.state_size,
-                                      generator=generator)
-        targets = torch.randint(0, vocab, (batch, steps), generator=generator)
         exact, exact_logprobs = _torch_outputs(
             reference, tokens, lengths, None if state is None else state.double(), targets)
         ours, our_logprobs = _torch_outputs(model, tokens, lengths, state, targets)

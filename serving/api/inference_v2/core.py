@@ -48,12 +48,12 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 
+from serving.api.inference_v2.messages import InferRequest, InferResult, InputTensor, OutputTensor
 from serving.api.inference_v2.outputs import (
     class_outputs,
     lm_outputs,
@@ -61,11 +61,11 @@ from serving.api.inference_v2.outputs import (
     statistics_json,
     tag_outputs,
 )
+from serving.api.inference_v2.parameters import flag, read_top_k, sequence_id, version_number
 from serving.engine.engine import Check, Engine
 from serving.engine.errors import InvalidArgument, LimitExceeded, NotFound, shown
 from serving.engine.inputs import Input
 from serving.engine.repository import LoadedModel
-from serving.model.artifact import MAX_VERSION
 
 INPUTS = {"TEXT": ("BYTES", [1]), "TOKEN_IDS": ("INT64", [-1])}
 # What metadata and ModelConfig declare: TEXT, required; TOKEN_IDS is accepted in its place
@@ -92,7 +92,6 @@ TOP_K_OUTPUTS = ("NEXT_TOKEN_IDS", "NEXT_TOKEN_LOGPROBS")  # K wide; NEXT_LOGPRO
 CONFIG_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32"}
 EXTENSIONS = ["model_configuration", "sequence", "parameters", "binary_tensor_data",
               "statistics", "model_repository"]
-UINT64_END = 1 << 64
 # The most bytes a value takes in a response, with its separator: raw (gRPC; HTTP outputs
 # with binary_data) or as JSON text, a float32 written as Python writes a float
 # ("-1.1754943508222875e-38," is 24 bytes), an int64 in up to 21. BYTES: their length,
@@ -106,59 +105,11 @@ HEADER_BYTES, STATE_TOKEN_BYTES = 4096, 600
 JSON_CHAR_BYTES = 6  # the most a character of the id takes in JSON ("\u0001")
 
 
-def _never(index: int) -> bool:
-    return False
-
-
 def _server_version() -> str:
     try:
         return version("recur")
     except PackageNotFoundError:
         return "0"
-
-
-@dataclass(frozen=True)
-class InputTensor:
-    """One input as a binding received it: `read(field)` gives its data as an array of
-    `shape` (BYTES: an object array of bytes), and is called only once the name, datatype
-    and shape have passed their checks; errors it raises name `field`."""
-
-    name: str
-    datatype: str
-    shape: Sequence[int]
-    read: Callable[[str], np.ndarray]
-
-
-@dataclass
-class InferRequest:
-    """`parameters` hold plain values (bool, int, float, str; None for a value of no type
-    the protocol knows); `outputs` the names asked for, in order (none: all);
-    `json_output(i)`: whether the binding writes the i-th output answered as JSON text
-    (else raw bytes), which the response's size is counted by."""
-
-    model_name: str
-    model_version: str = ""
-    id: str = ""
-    parameters: Mapping[str, Any] = field(default_factory=dict)
-    inputs: Sequence[InputTensor] = ()
-    outputs: Sequence[str] = ()
-    json_output: Callable[[int], bool] = _never
-
-
-@dataclass
-class OutputTensor:
-    name: str
-    datatype: str
-    array: np.ndarray
-
-
-@dataclass
-class InferResult:
-    model_name: str
-    model_version: str
-    id: str
-    parameters: dict[str, str]
-    outputs: list[OutputTensor]
 
 
 class InferenceCore:
@@ -195,7 +146,7 @@ class InferenceCore:
     def model(self, name: str, version: str, name_field: str = "model_name",
               version_field: str = "model_version") -> LoadedModel:
         """The model a request names; its version is text, as both bindings carry it."""
-        return self.engine.model(name, _version(version, version_field),
+        return self.engine.model(name, version_number(version, version_field),
                                  name_field=name_field, version_field=version_field)
 
     def model_metadata(self, name: str, version: str) -> dict:
@@ -236,7 +187,7 @@ class InferenceCore:
     def statistics(self, name: str, version: str) -> dict:
         """Triton's ModelStatisticsResponse: every version served of `name` (of every
         model when empty), or the one named."""
-        number = _version(version, "version")
+        number = version_number(version, "version")
         if number and not name:
             raise InvalidArgument("version", "a version needs the model's name")
         # the engine's lookup answers NotFound for an unknown name or version
@@ -277,7 +228,7 @@ class InferenceCore:
             if name not in outputs:
                 raise InvalidArgument(f"outputs[{index}].name", f"{model.label} has no output "
                                       f"{shown(name)} (outputs: {', '.join(outputs)})")
-        sequence = _sequence_id(parameters, self.max_sequence_id_bytes)
+        sequence = sequence_id(parameters, self.max_sequence_id_bytes)
         if not sequence and (index := _first_next(wanted)) is not None:
             raise InvalidArgument(f"outputs[{index}].name", f"{wanted[index]} is for "
                                   "sequences (parameters.sequence_id): the next-token "
@@ -354,7 +305,7 @@ class InferenceCore:
     async def _stateless(self, model: LoadedModel, inputs: list[Input],
                          parameters: Mapping[str, Any], check: Check) -> dict:
         if model.task == "lm":
-            add_eos = _bool(parameters, "add_eos", True)
+            add_eos = flag(parameters, "add_eos", True)
             return lm_outputs(await self.engine.score(model, inputs, add_eos, check=check))
         if model.task == "tag":
             return tag_outputs(await self.engine.tag(model, inputs, check=check))
@@ -406,14 +357,14 @@ class InferenceCore:
             raise InvalidArgument("inputs", f"a request of sequence {shown(sequence)} carries one "
                                   f"sequence (batch 1), got {len(inputs)}")
         engine, (item,) = self.engine, inputs
-        start, end = (_bool(parameters, "sequence_start", False),
-                      _bool(parameters, "sequence_end", False))
+        start, end = (flag(parameters, "sequence_start", False),
+                      flag(parameters, "sequence_end", False))
         key = (model.name, sequence)
         asks_top_k, whole = (any(n in TOP_K_OUTPUTS for n in wanted),
                              "NEXT_LOGPROBS" in wanted)
 
         def top_k_on(runs_on: LoadedModel) -> int:  # read (and checked) only where used
-            return _top_k(parameters, runs_on) if asks_top_k else 0
+            return read_top_k(parameters, runs_on) if asks_top_k else 0
 
         if start:
             top_k = top_k_on(model)
@@ -448,14 +399,6 @@ class InferenceCore:
         return runs_on, session_outputs(runs_on, step, wanted), extra
 
 
-def _version(text: str, version_field: str) -> int:
-    if text and not (text.isascii() and text.isdigit() and len(text) <= 19
-                     and int(text) <= MAX_VERSION):
-        raise InvalidArgument(version_field, f"must be a version number (ASCII digits) "
-                              f"or empty, got {shown(text)}")
-    return int(text or 0)
-
-
 def _outputs_of(task: str) -> dict[str, tuple[str, list[int]]]:
     """Every output a request may name: those declared, and a language model's NEXT_."""
     return {**OUTPUTS[task], **NEXT_OUTPUTS} if task == "lm" else OUTPUTS[task]
@@ -463,19 +406,6 @@ def _outputs_of(task: str) -> dict[str, tuple[str, list[int]]]:
 
 def _first_next(wanted: Sequence[str]) -> int | None:
     return next((i for i, name in enumerate(wanted) if name in NEXT_OUTPUTS), None)
-
-
-def _top_k(parameters: Mapping[str, Any], model: LoadedModel) -> int:
-    """K of NEXT_TOKEN_IDS and NEXT_TOKEN_LOGPROBS: 1 (the argmax) unless given."""
-    if "top_k" not in parameters:
-        return 1
-    value, vocabulary = parameters["top_k"], len(model.vocab)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument("parameters.top_k", "must be an int64")
-    if not 1 <= value <= vocabulary:
-        raise InvalidArgument("parameters.top_k", f"must be from 1 to {model.label}'s "
-                              f"vocabulary size {vocabulary}, got {value}")
-    return value
 
 
 def _value_bytes(datatype: str, labels: Sequence[str], as_json: bool) -> int:
@@ -492,30 +422,3 @@ def _one_repository(name: str) -> None:
     if name:
         raise InvalidArgument("repository_name", f"this server has one model repository; "
                               f"leave the name empty (got {shown(name)})")
-
-
-def _sequence_id(parameters: Mapping[str, Any], max_bytes: int) -> str:
-    """The sequence id as text ("" when absent or 0, which means no sequence)."""
-    if "sequence_id" not in parameters:
-        return ""
-    value = parameters["sequence_id"]
-    if isinstance(value, str):
-        if len(value.encode()) > max_bytes:
-            raise LimitExceeded("max_sequence_id_bytes", len(value.encode()),
-                                max_bytes, "parameters.sequence_id", "", " bytes")
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and value < UINT64_END:
-        if value < 0:
-            raise InvalidArgument("parameters.sequence_id", f"must not be negative, got "
-                                  f"{value}")
-        return str(value) if value else ""
-    raise InvalidArgument("parameters.sequence_id", "must be a uint64 or a string")
-
-
-def _bool(parameters: Mapping[str, Any], key: str, default: bool) -> bool:
-    if key not in parameters:
-        return default
-    value = parameters[key]
-    if not isinstance(value, bool):
-        raise InvalidArgument(f"parameters.{key}", "must be a bool")
-    return value

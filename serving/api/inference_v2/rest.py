@@ -40,13 +40,8 @@ from fastapi import Request, Response
 from serving.api.http.app import client_of
 from serving.api.http.errors import PLAIN, HttpError, ShapedRouter
 from serving.api.inference_v2 import tensors
-from serving.api.inference_v2.core import (
-    InferenceCore,
-    InferRequest,
-    InferResult,
-    InputTensor,
-    OutputTensor,
-)
+from serving.api.inference_v2.core import InferenceCore
+from serving.api.inference_v2.messages import InferRequest, InferResult, InputTensor, OutputTensor
 from serving.engine.errors import InvalidArgument, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -16,7 +16,8 @@ import grpc
 from google.protobuf import json_format
 
 from serving.api.inference_v2 import tensors
-from serving.api.inference_v2.core import InferenceCore, InferRequest, InferResult, InputTensor
+from serving.api.inference_v2.core import InferenceCore
+from serving.api.inference_v2.messages import InferRequest, InferResult, InputTensor
 from serving.api.rpc.auth import peer_of
 from serving.api.rpc.handlers import message, rpc, until_closing
 from serving.api.rpc.status import code_of
