@@ -27,6 +27,7 @@ exits at once, with status 1.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -160,6 +161,12 @@ class Server:
             add_guarded(self.health_server, health_pb2_grpc.add_HealthServicer_to_server,
                         self.health)
         engine.start()
+        # What startup made (modules, vocabularies, the models' tables) lives as long as
+        # the server: frozen out of the collector's sight, a full collection walks only what
+        # requests have allocated since, not the whole heap. One had held the event loop
+        # for 0.15 s in the middle of building a Score's response.
+        gc.collect()
+        gc.freeze()
         metrics_port = None
         if metrics_socket is not None:
             metrics_port = metrics_socket.getsockname()[1]
@@ -235,6 +242,7 @@ class Server:
         await self.engine.close()
         if self.metrics_http is not None:
             await self.metrics_http.stop()
+        gc.unfreeze()  # what was frozen at the start may be collected again
         self.stopped.set()
 
 
