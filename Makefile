@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 RECIPE ?= ptb-lstm
 
-.PHONY: install proto test test-gpu lint demo bench bench-train bench-export bench-serve bench-cache bench-quant bench-gpu fuzz soak clean
+.PHONY: install proto test test-gpu lint demo bench bench-train bench-export bench-serve bench-cache bench-quant bench-softmax bench-gpu fuzz soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,12 @@ bench-cache: install
 # Without a trained run: python -m bench.quant --random-model (the speed ratio alone).
 bench-quant: install
 	$(BIN)/python -m bench.quant $(if $(RUN),--run $(RUN))
+
+# The full and the adaptive softmax, each in float32 and int8, on pairs of trained PTB runs
+# (train them first: make bench-train RECIPE=ptb-lstm, then RECIPE=ptb-lstm-adaptive);
+# ARGS="--pair FULL_RUN ADAPTIVE_RUN --pair ..." names others.
+bench-softmax: install
+	$(BIN)/python -m bench.softmax $(ARGS)
 
 # The Loop graph on ONNX Runtime's CUDA provider against torch eager on CUDA (needs a GPU).
 bench-gpu: install

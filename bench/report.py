@@ -342,6 +342,55 @@ def quant_section(report: dict) -> list[str]:
     return rows
 
 
+SIDE_NAMES = {"full": "full softmax, float32", "full_int8": "full softmax, int8",
+              "adaptive": "adaptive softmax, float32", "adaptive_int8": "adaptive softmax, int8"}
+
+
+def softmax_section(report: dict) -> list[str]:
+    rows = ["## Fewer FLOPs per token (`make bench-softmax`)", "",
+            "Pairs of trained language models that differ in their output layer, the full "
+            "softmax and the adaptive softmax, each exported in float32 and in int8 (`recur "
+            "export --quantize int8`), all four through the serving runtime "
+            "(`bench/softmax.py`), taking turns in rounds. Scoring reads the test split in "
+            f"{report['rows']} columns, {report['window']} steps a call with the state "
+            "carried; a step is one token (B = 1) from a carried state, as decoding runs."]
+    for pair in report["pairs"]:
+        rows += [""] + _softmax_pair(pair)
+    rows += ["", f"Medians over {report['rounds']} rounds; each ratio is the median of the "
+             f"per-round ratios to the full softmax in float32. {report['machine']}, "
+             f"{report['date']}."]
+    return rows
+
+
+def _softmax_pair(pair: dict) -> list[str]:
+    models, sides, test = pair["models"], pair["sides"], pair["test"]
+
+    def described(kind: str) -> str:
+        m = models[kind]
+        layer = m["output_layer"]
+        shown = (f"cutoffs {layer['cutoffs']}, div_value {layer['div_value']:g}"
+                 if layer["type"] == "adaptive" else "tied" if m["tied"] else "untied")
+        return f"`{m['run']}` ({shown})"
+
+    full = models["full"]
+    rows = [f"**{full['layers']} x {full['hidden']} LSTM over {full['vocab']:,} words**: "
+            f"{described('full')} and {described('adaptive')}"
+            + (f"; test perplexity on {test['tokens']:,} tokens of `{test['split']}`, "
+               f"{test['columns']} columns with the state carried." if test else "."), "",
+            "| model | scoring tokens/s | vs full float32 (rounds) | one-token step, ms | "
+            "model.onnx, MB | test ppl | vs full float32 |", "|---|---|---|---|---|---|---|"]
+    for name, side in sides.items():
+        per_round = side["score_speedup_per_round"]
+        ppl = cost = "-"
+        if test is not None:
+            ppl = f"{test['perplexity'][name]:.2f}"
+            cost = f"{100 * test['relative_ppl_cost'][name]:+.2f}%"
+        rows.append(f"| {SIDE_NAMES.get(name, name)} | {side['score_tokens_per_s']:,.0f} | "
+                    f"{side['score_speedup']:.2f}x ({min(per_round):.2f}-{max(per_round):.2f}) "
+                    f"| {side['step_b1_ms']:.3f} | {side['onnx_mb']:.1f} | {ppl} | {cost} |")
+    return rows
+
+
 def gpu_section(report: dict) -> list[str]:
     rows = ["## The Loop graph on CUDA (`make bench-gpu`)", "",
             "The exported graph through the serving runtime on ONNX Runtime's CUDA provider "
@@ -436,7 +485,8 @@ def render(results: Path = RESULTS) -> str:
         parts.append(serve_section(serve, _load("serve-cuda", results)))
     if (cache := _load("cache", results)) is not None:
         parts.append(cache_section(cache))
-    for name, section in (("quant", quant_section), ("gpu", gpu_section),
+    for name, section in (("quant", quant_section), ("softmax", softmax_section),
+                          ("gpu", gpu_section),
                           ("soak", soak_section), ("fuzz", fuzz_section)):
         if (data := _load(name, results)) is not None:
             parts.append(section(data))

@@ -38,13 +38,22 @@ class _TorchReferenceLM(nn.Module):
             cls = nn.LSTM if m.cell == "lstm" else nn.GRU
             self.rnn = cls(m.embedding_size, m.hidden_size, m.layers, batch_first=True,
                            dropout=m.dropout)
-        self.output = nn.Linear(m.hidden_size, vocab_size)
+        if m.adaptive_cutoffs:
+            self.output = nn.AdaptiveLogSoftmaxWithLoss(
+                m.hidden_size, vocab_size, m.adaptive_cutoffs, div_value=m.adaptive_div_value,
+                head_bias=True)
+        else:
+            self.output = nn.Linear(m.hidden_size, vocab_size)
         if m.tie_weights:
             self.output.weight = self.embedding.weight
 
-    def forward(self, tokens):
+    def forward(self, tokens, targets, reduction="mean"):
+        """-> the mean negative log-likelihood of targets, as RecurrentLM's training loss."""
         out, _ = self.rnn(self.embedding(tokens))
-        return self.output(out), None
+        if isinstance(self.output, nn.AdaptiveLogSoftmaxWithLoss):
+            return self.output(out.reshape(-1, out.shape[-1]), targets.reshape(-1)).loss, None
+        logits = self.output(out)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), None
 
 
 def step_times(model: nn.Module, config: Config, vocab_size: int, steps: int,
@@ -58,8 +67,7 @@ def step_times(model: nn.Module, config: Config, vocab_size: int, steps: int,
     for _ in range(steps):
         tokens = torch.randint(0, vocab_size, (t.batch_size, t.bptt + 1), generator=generator)
         started = time.perf_counter()
-        logits, _ = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, vocab_size), tokens[:, 1:].reshape(-1))
+        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], reduction="mean")
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 BENCHMARKS = ["bench.train", "bench.export", "bench.serve", "bench.cache", "bench.gpu",
-              "bench.quant", "bench.soak"]
+              "bench.quant", "bench.softmax", "bench.soak"]
 
 
 @pytest.mark.parametrize("module", BENCHMARKS)

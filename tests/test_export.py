@@ -25,6 +25,8 @@ def _lm(cell, layers=2, learn_h0=False, tie=True):
 MODELS = {
     "lm": lambda cell: _lm(cell),
     "lm-1layer-h0": lambda cell: _lm(cell, 1, learn_h0=True, tie=False),
+    "lm-adaptive": lambda cell: RecurrentLM(23, cell, 12, 12, 2, adaptive_cutoffs=[6, 14],
+                                            adaptive_div_value=2.0),
     "tagger-bi": lambda cell: RecurrentTagger(23, 5, 0, cell, 8, 10, 2, bidirectional=True),
     "tagger-uni": lambda cell: RecurrentTagger(23, 5, 0, cell, 8, 10, 1, bidirectional=False),
     "classifier-bi-final": lambda cell: RecurrentClassifier(23, 3, 0, cell, 8, 10, 2,

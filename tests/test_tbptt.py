@@ -43,9 +43,9 @@ def test_carried_state_is_the_next_window_initial_state_and_is_detached(synth_di
     seen = {}
     original_forward = lm.forward
 
-    def spy(tokens, state=None, lengths=None):
+    def spy(tokens, state=None, lengths=None, **loss):
         seen["state"] = state
-        return original_forward(tokens, state, lengths)
+        return original_forward(tokens, state, lengths, **loss)
 
     lm.forward = spy
     loss, _, _ = task.loss(lm, second)

@@ -55,6 +55,10 @@ class ModelConfig:
     dropout_output: float = 0.0  # on the last layer's outputs
     variational: bool = False  # locked dropout: one mask per sequence
     tie_weights: bool = False
+    # adaptive softmax (language models): the word ids where the head's shortlist and each
+    # cluster end, e.g. [2000, 6000] for PTB; [] is the full softmax
+    adaptive_cutoffs: list = field(default_factory=list)
+    adaptive_div_value: float = 4.0  # each cluster's projection is this much narrower
     learn_h0: bool = False
     bidirectional: bool = False
     pooling: str = "final"
@@ -214,6 +218,16 @@ def validate(config: Config) -> None:
          f"needs model.embedding_size == model.hidden_size "
          f"(got {m.embedding_size} and {m.hidden_size})"),
         (not m.tie_weights or d.task == "lm", "model.tie_weights", "applies to language models"),
+        (all(type(c) is int for c in m.adaptive_cutoffs)
+         and m.adaptive_cutoffs == sorted(set(m.adaptive_cutoffs))
+         and all(c > 0 for c in m.adaptive_cutoffs), "model.adaptive_cutoffs",
+         f"must be positive word ids in increasing order, got {m.adaptive_cutoffs}"),
+        (not m.adaptive_cutoffs or (d.task == "lm" and m.type == "rnn"),
+         "model.adaptive_cutoffs", "applies to recurrent language models"),
+        (not (m.adaptive_cutoffs and m.tie_weights), "model.adaptive_cutoffs",
+         "cannot be used with model.tie_weights (the adaptive softmax has no [V, H] matrix "
+         "to share with the embedding)"),
+        (m.adaptive_div_value >= 1.0, "model.adaptive_div_value", "must be >= 1"),
         (m.layers >= 1 and m.hidden_size >= 1 and m.embedding_size >= 1, "model.layers",
          "layers, hidden_size and embedding_size must be >= 1"),
         (2 <= m.order <= 5, "model.order", "must be between 2 and 5"),

@@ -91,7 +91,7 @@ class LanguageModelTask:
                                  self.vocab.eos_id)
         return RecurrentLM(v, m.cell, m.embedding_size, m.hidden_size, m.layers, m.dropout,
                            m.dropout_input, m.dropout_output, m.variational, m.tie_weights,
-                           m.learn_h0)
+                           m.learn_h0, m.adaptive_cutoffs, m.adaptive_div_value)
 
     def epoch_batches(self, epoch: int, device: torch.device):
         t = self.config.train
@@ -108,8 +108,7 @@ class LanguageModelTask:
         inputs, targets = batch
         if self.carry is not None:
             self.carry = self.carry.detach()
-        logits, self.carry = model(inputs, self.carry)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss, self.carry = model(inputs, self.carry, targets=targets, reduction="mean")
         return loss, targets.numel(), None
 
     @torch.inference_mode()
@@ -126,9 +125,8 @@ class LanguageModelTask:
             state, nll, count = None, 0.0, 0
             for _, inputs, targets in batching.windows(
                     data, batching.window_schedule(data.shape[1], t.bptt, False, 0, 0)):
-                logits, state = model(inputs, state)
-                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                       reduction="sum").item()
+                nll_sum, state = model(inputs, state, targets=targets, reduction="sum")
+                nll += nll_sum.item()
                 count += targets.numel()
         loss = nll / max(1, count)
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}

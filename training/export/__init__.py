@@ -41,9 +41,17 @@ def model_metadata(model, graph: onnx.ModelProto) -> dict:
         "state_size": stack.state_size, "bidirectional": stack.bidirectional,
         "state_layout": "[layers, batch, state_size]; LSTM packs [h ; c], so state_size = 2H",
         "initial_state": h0,
+        **({"output_layer": _output_layer(model)} if isinstance(model, RecurrentLM) else {}),
         "inputs": [i.name for i in graph.graph.input],
         "outputs": [o.name for o in graph.graph.output], "opset": OPSET,
     }
+
+
+def _output_layer(model: RecurrentLM) -> dict:
+    if not model.adaptive:
+        return {"type": "softmax"}
+    return {"type": "adaptive", "cutoffs": list(model.output.cutoffs[:-1]),
+            "div_value": float(model.output.div_value)}
 
 
 def export_model(model, out: str | Path, vocab: Vocabulary, labels: LabelSet | None = None,

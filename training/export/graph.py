@@ -18,8 +18,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from training.export.adaptive_head import AdaptiveSoftmax
 from training.export.builder import Dims, GraphBuilder
-from training.export.lm_head import HEAD_OUTPUTS, lm_head, output_infos
+from training.export.lm_head import HEAD_OUTPUTS, FullSoftmax, lm_head, output_infos
 from training.models.encoders import RecurrentClassifier, RecurrentTagger
 from training.models.language_model import RecurrentLM
 from training.models.recurrence import RecurrentLayer, RecurrentStack
@@ -204,9 +205,10 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
     outputs = []
     if isinstance(model, RecurrentLM):
         inputs.append(helper.make_tensor_value_info("targets", INT64, ["batch", "time"]))
-        vocab = model.output.weight.shape[0]
-        lm_head(g, model.output, out, dims)
-        outputs = output_infos(HEAD_OUTPUTS, vocab)
+        softmax = (AdaptiveSoftmax(g, model.output) if model.adaptive
+                   else FullSoftmax(g, model.output))
+        lm_head(g, softmax, out, dims)
+        outputs = output_infos(HEAD_OUTPUTS, model.vocab_size)
     elif isinstance(model, RecurrentTagger):
         tags = model.output.weight.shape[0]
         logprobs = g.op("LogSoftmax", [_linear(g, out, model.output, dims)], axis=2)

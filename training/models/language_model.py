@@ -1,8 +1,15 @@
-"""Recurrent language model: embedding E, a recurrent stack, output softmax(W_o h_t)."""
+"""Recurrent language model: embedding E, a recurrent stack, output softmax(W_o h_t), or
+with `adaptive_cutoffs` torch's adaptive softmax (Grave et al. 2017): a head over the
+frequent words and one entry per cluster of rarer ones, each cluster its own smaller
+softmax through a narrower projection. The vocabulary is ordered by frequency
+(Vocabulary.build), which is what the cutoffs split."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.models.recurrence import RecurrentStack, make_dropout
@@ -12,16 +19,35 @@ class RecurrentLM(nn.Module):
     def __init__(self, vocab_size: int, cell: str, embedding_size: int, hidden_size: int,
                  num_layers: int = 1, dropout: float = 0.0, dropout_input: float = 0.0,
                  dropout_output: float = 0.0, variational: bool = False, tie_weights: bool = False,
-                 learn_h0: bool = False):
+                 learn_h0: bool = False, adaptive_cutoffs: Sequence[int] = (),
+                 adaptive_div_value: float = 4.0):
         super().__init__()
         if tie_weights and embedding_size != hidden_size:
             raise ValueError(f"model.tie_weights needs model.embedding_size == model.hidden_size "
                              f"(got {embedding_size} and {hidden_size})")
+        cutoffs = list(adaptive_cutoffs)
+        if cutoffs and tie_weights:
+            raise ValueError("model.adaptive_cutoffs cannot be used with model.tie_weights: the "
+                             "adaptive softmax has no [V, H] matrix to share with the embedding")
+        if cutoffs and not (cutoffs == sorted(set(cutoffs)) and cutoffs[0] > 0
+                            and cutoffs[-1] < vocab_size - 1):
+            raise ValueError(f"model.adaptive_cutoffs must increase strictly within 1.."
+                             f"{vocab_size - 2} (the vocabulary has {vocab_size} tokens); "
+                             f"got {cutoffs}")
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.stack = RecurrentStack(cell, embedding_size, hidden_size, num_layers, dropout,
                                     variational, bidirectional=False, learn_h0=learn_h0)
         self.dropout_input = make_dropout(dropout_input, variational)
         self.dropout_output = make_dropout(dropout_output, variational)
+        self.output: nn.Linear | nn.AdaptiveLogSoftmaxWithLoss
+        if cutoffs:
+            self.output = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, cutoffs,
+                                                        div_value=adaptive_div_value,
+                                                        head_bias=True)
+            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+            return
+        # this order of construction and initialisation is the random stream every
+        # full-softmax run has been trained from
         self.output = nn.Linear(hidden_size, vocab_size)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         if tie_weights:
@@ -33,12 +59,35 @@ class RecurrentLM(nn.Module):
     def initial_state(self, batch_size: int) -> torch.Tensor:
         return self.stack.initial_state(batch_size)
 
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self.output, nn.AdaptiveLogSoftmaxWithLoss)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.output.n_classes if self.adaptive else self.output.weight.shape[0]
+
     def forward(self, tokens: torch.Tensor, state: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B,T] -> logits [B,T,V], state [L,B,S]."""
+                lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                reduction: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B,T] -> scores [B,T,V] whose softmax is the next-token distribution
+        (logits; the adaptive softmax's exact log-probs), state [L,B,S]. With `targets`
+        [B,T], instead of the scores the negative log-likelihood of the targets, [B,T] or
+        its "mean" or "sum" (`reduction`): the adaptive softmax then computes each
+        position's head and its target's cluster alone, which is what makes it fast to
+        train. Through forward, so that DistributedDataParallel sees the loss's graph."""
         x = self.dropout_input(self.embedding(tokens))
         out, state = self.stack(x, state, lengths)
-        return self.output(self.dropout_output(out)), state
+        out = self.dropout_output(out)
+        if targets is not None:
+            if self.adaptive:
+                picked = self.output(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
+                return _reduce(-picked.output.view(targets.shape), reduction), state
+            return target_nll(self.output(out), targets, reduction), state
+        if self.adaptive:
+            flat = self.output.log_prob(out.reshape(-1, out.shape[-1]))
+            return flat.view(*out.shape[:-1], -1), state
+        return self.output(out), state
 
 
 class FeedForwardLM(nn.Module):
@@ -60,7 +109,10 @@ class FeedForwardLM(nn.Module):
                           device=self.output.weight.device)
 
     def forward(self, tokens: torch.Tensor, state: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                reduction: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+        """As RecurrentLM's: logits [B,T,V], or with `targets` their negative
+        log-likelihood."""
         if lengths is not None:
             raise ValueError("the feedforward LM reads full columns only")
         if state is None:
@@ -69,4 +121,21 @@ class FeedForwardLM(nn.Module):
         contexts = history.unfold(1, self.window, 1)[:, 1:]  # [B, T, window], ends at t
         x = self.embedding(contexts).flatten(2)
         h = self.dropout(torch.tanh(self.hidden(x)))
-        return self.output(h), history[:, -self.window:]
+        logits = self.output(h)
+        if targets is not None:
+            return target_nll(logits, targets, reduction), history[:, -self.window:]
+        return logits, history[:, -self.window:]
+
+
+def target_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """-log softmax(logits [B,T,V]) at targets [B,T]: [B,T] ("none"), or its "mean" or
+    "sum", by the fused cross-entropy (the loss the full softmax has always trained on)."""
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                          reduction=reduction)
+    return nll.view(targets.shape) if reduction == "none" else nll
+
+
+def _reduce(nll: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return nll
+    return nll.mean() if reduction == "mean" else nll.sum()
