@@ -55,9 +55,11 @@ def _tiny_exports(root: Path, adaptive: bool) -> tuple[Path, Path, dict]:
                         adaptive_cutoffs=[40, 120] if adaptive else ()).eval()
     vocab = Vocabulary([UNK, EOS] + [f"w{i}" for i in range(198)], Normalization())
     ids = np.random.default_rng(1).integers(0, 200, 400).tolist()
-    float32 = export_model(model, root / "float32" / "1", vocab)[0]
-    int8, metadata, _ = export_model(model, root / "int8" / "1", vocab, int8=Int8Options(
-        lambda: ids, rows=4, max_ppl_cost=None, ppl_tokens=200))
+    tied = {"tied": not adaptive}  # as export_run records a run's
+    float32 = export_model(model, root / "float32" / "1", vocab, metadata=tied)[0]
+    int8, metadata, _ = export_model(model, root / "int8" / "1", vocab, metadata=tied,
+                                     int8=Int8Options(lambda: ids, rows=4, max_ppl_cost=None,
+                                                      ppl_tokens=200))
     return float32, int8, metadata
 
 

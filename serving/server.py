@@ -88,6 +88,7 @@ class Server:
         self.metrics = Metrics()
         self.stopped = asyncio.Event()
         self._following: asyncio.Task | None = None
+        self._frozen = False
 
     async def start(self) -> Ports:
         config = self.config
@@ -126,6 +127,7 @@ class Server:
         try:
             return await self._start(port, health_port, metrics_socket, http_socket)
         except BaseException:
+            self._thaw()
             for started in (self.metrics_http, self.http):
                 if started is not None:
                     started.running.cancel()
@@ -161,12 +163,8 @@ class Server:
             add_guarded(self.health_server, health_pb2_grpc.add_HealthServicer_to_server,
                         self.health)
         engine.start()
-        # What startup made (modules, vocabularies, the models' tables) lives as long as
-        # the server: frozen out of the collector's sight, a full collection walks only what
-        # requests have allocated since, not the whole heap. One had held the event loop
-        # for 0.15 s in the middle of building a Score's response.
-        gc.collect()
-        gc.freeze()
+        _freeze_heap()
+        self._frozen = True
         metrics_port = None
         if metrics_socket is not None:
             metrics_port = metrics_socket.getsockname()[1]
@@ -242,8 +240,35 @@ class Server:
         await self.engine.close()
         if self.metrics_http is not None:
             await self.metrics_http.stop()
-        gc.unfreeze()  # what was frozen at the start may be collected again
+        self._thaw()
         self.stopped.set()
+
+    def _thaw(self) -> None:
+        if self._frozen:
+            self._frozen = False
+            _thaw_heap()
+
+
+_servers_frozen = 0  # servers started in this process: they share one garbage collector
+
+
+def _freeze_heap() -> None:
+    """What startup made (modules, vocabularies, the models' tables) lives as long as the
+    server: frozen out of the collector's sight, a full collection walks only what requests
+    have allocated since, not the whole heap. One had held the event loop for 0.15 s in the
+    middle of building a Score's response. Collected first, so no garbage is frozen."""
+    global _servers_frozen
+    gc.collect()
+    gc.freeze()
+    _servers_frozen += 1
+
+
+def _thaw_heap() -> None:
+    """When the last server of the process stops, what was frozen may be collected again."""
+    global _servers_frozen
+    _servers_frozen -= 1
+    if _servers_frozen == 0:
+        gc.unfreeze()
 
 
 def closing_after(grace: float) -> float:

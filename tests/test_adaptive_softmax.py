@@ -87,6 +87,8 @@ def test_tied_weights_and_taggers_are_refused_an_adaptive_softmax():
         load_config("demo-pos", ["model.adaptive_cutoffs=[100]"])
     with pytest.raises(ValueError, match="within 1..38"):
         RecurrentLM(VOCAB, "lstm", 8, 8, adaptive_cutoffs=[8, 39])
+    with pytest.raises(ValueError, match="0 units"):  # 16 // 4^3: an empty projection
+        RecurrentLM(VOCAB, "lstm", 8, 16, adaptive_cutoffs=[8, 20, 30])
 
 
 @pytest.mark.parametrize("cell", ["elman_tanh", "lstm", "gru"])
@@ -133,6 +135,33 @@ def test_greedy_tokens_are_torchs_argmax_wherever_it_falls(boost, steps, tmp_pat
                                atol=1e-6)
 
 
+def test_greedy_ties_made_by_rounding_go_to_the_lower_id(tmp_path):
+    """Two words of a cluster whose log P(w | c) differ by less than float32 can show once
+    log P(c) is added tie in log P(w): torch.argmax takes the lower id, and so must the
+    graph (the prior is added before its TopK). The hidden state is fixed (a one-layer
+    Elman RNN with zero weights: h = tanh(bias)), the clusters win the head, and word 3's
+    logit exceeds word 2's by `delta`; two steps, so the sparse path runs."""
+    ties = 0
+    for prior in (1.0, 1.1, 1.5, 2.0):
+        for delta in (3e-8, 6e-8, 9e-8, 1.2e-7):
+            model = RecurrentLM(6, "elman_tanh", 2, 2, 1, adaptive_cutoffs=[2],
+                                adaptive_div_value=2.0).eval()
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.zero_()
+                model.stack.forward_layers[0].bias.copy_(torch.tensor([1.0, 0.0]))
+                model.output.head.bias.copy_(torch.tensor([0.0, 0.0, prior]))
+                model.output.tail[0][0].weight.copy_(torch.tensor([[1.0, 0.0]]))
+                model.output.tail[0][1].weight.copy_(
+                    torch.tensor([[0.0], [delta / np.tanh(1.0)], [-30.0], [-30.0]]))
+                scores, _ = model(torch.zeros(1, 2, dtype=torch.long))
+            runtime = ModelRuntime(save_model(model, tmp_path / f"{prior}-{delta}" / "1"))
+            got = runtime.run_lm(np.zeros((1, 2), np.int64), np.array([2]))
+            ties += int(scores[0, 0, 2] == scores[0, 0, 3])
+            np.testing.assert_array_equal(got.greedy_tokens[0], scores[0].argmax(-1).numpy())
+    assert ties > 0  # some of these do tie in float32: the case this test is about
+
+
 def test_no_product_runs_over_the_whole_vocabulary_at_every_position():
     """The head is [H, shortlist + clusters] and each cluster its two narrow products;
     only next_logprobs (the B rows after each row's last step) concatenates the whole
@@ -174,6 +203,20 @@ def test_int8_quantizes_the_head_and_the_clusters(tmp_path):
     assert "MatMul" not in found and "Gemm" not in found
     assert found.count("MatMulInteger") >= 5
     assert metadata["quantization"]["relative_ppl_cost"] < 0.05
+
+
+def test_cutoffs_beyond_the_vocabulary_are_a_configuration_error(synth_dir, tmp_path,
+                                                                 capsys):
+    from training.cli import train_command
+
+    config = demo_config("demo-lm", synth_dir, "model.tie_weights=false")
+    path = tmp_path / "config.toml"
+    path.write_text(config.to_toml().replace("adaptive_cutoffs = []",
+                                             "adaptive_cutoffs = [100, 100000]"))
+    assert train_command(["--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert "configuration error: model.adaptive_cutoffs must increase strictly within" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # refused before the run was written
 
 
 def test_an_adaptive_run_trains_evaluates_exports_and_scores_as_torch_does(synth_dir,

@@ -60,7 +60,6 @@ def test_health_answers_while_one_long_score_computes(wide_repository):
         assert len(score.result().scores[0].tokens) == 8001
     finally:
         server.stop()
-    assert gc.get_freeze_count() == 0  # a stopped server leaves nothing frozen
     assert computed > 0.5 and len(waits) >= 10, (computed, len(waits))
     assert max(waits) < 0.1, f"health waited {max(waits):.3f} s while the Score computed"
 

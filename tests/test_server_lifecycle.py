@@ -244,3 +244,17 @@ def test_a_second_signal_during_the_drain_exits_at_once(model_repository, second
         client_channel.close()
         probes.close()
         process.stop()
+
+
+def test_the_heap_stays_frozen_until_the_last_server_of_the_process_stops(model_repository):
+    """Servers in one process share its garbage collector: the first to stop must not
+    unfreeze what another still relies on, and the last leaves nothing frozen."""
+    import gc
+
+    assert gc.get_freeze_count() == 0  # no server runs between tests
+    with running(model_repository) as first:
+        assert gc.get_freeze_count() > 10_000
+        with running(model_repository):
+            first.call(first.server.stop(0.5))
+            assert gc.get_freeze_count() > 10_000
+    assert gc.get_freeze_count() == 0

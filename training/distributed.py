@@ -74,7 +74,10 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # the adaptive softmax skips a cluster none of a batch's targets is in, so its weights
+    # may have no gradient on a rank: DDP must look for them, or it fails the next step
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=getattr(model, "adaptive", False))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from torch import nn
 
 from serving.model.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
 from training import metrics
-from training.config import Config
+from training.config import Config, ConfigError
 from training.data import batching, readers
 from training.distributed import World, own_slice
 from training.models.encoders import RecurrentClassifier, RecurrentTagger
@@ -89,9 +89,13 @@ class LanguageModelTask:
         if m.type == "ffnn":
             return FeedForwardLM(v, m.embedding_size, m.hidden_size, m.window, m.dropout,
                                  self.vocab.eos_id)
-        return RecurrentLM(v, m.cell, m.embedding_size, m.hidden_size, m.layers, m.dropout,
-                           m.dropout_input, m.dropout_output, m.variational, m.tie_weights,
-                           m.learn_h0, m.adaptive_cutoffs, m.adaptive_div_value)
+        try:  # the cutoffs are checked against the vocabulary, known only now
+            return RecurrentLM(v, m.cell, m.embedding_size, m.hidden_size, m.layers,
+                               m.dropout, m.dropout_input, m.dropout_output, m.variational,
+                               m.tie_weights, m.learn_h0, m.adaptive_cutoffs,
+                               m.adaptive_div_value)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
     def epoch_batches(self, epoch: int, device: torch.device):
         t = self.config.train

@@ -133,6 +133,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     task = make_task(config, run_dir if resume else None)
     task.world = world
+    model = task.build_model()  # refuses what only the vocabulary shows before anything is written
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         task.vocab.save(run_dir / "vocab.json")
@@ -141,7 +142,6 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
         (run_dir / "config.toml").write_text(anchored(config, Path.cwd()).to_toml())
     if dry_run:
         task.eval_limit = 2000
-    model = task.build_model()
     if isinstance(model, KneserNey):
         if world.distributed:
             raise ConfigError("model.type = 'kn' (a count-based model) trains in one process")

@@ -10,7 +10,8 @@ log P(cluster c) from the head + log P(w | c) from cluster c's own softmax for t
   most log P(c) (its own log-softmax is <= 0, and so is their float32 sum), so a cluster
   is computed only where log P(c) beats the best word found so far; clusters are tried in
   id order and must beat it strictly, so ties keep the lowest id as torch.argmax does.
-- The whole distribution only where a step needs it (each row's next token): B rows.
+- The whole distribution only where a step needs it (each row's next token): B rows. A
+  one-step call reads everything off those rows' distributions (lm_head.Dense).
 """
 
 from __future__ import annotations
@@ -85,11 +86,13 @@ class AdaptiveSoftmax:
             # greedy: the positions where this cluster could hold a better word
             hopeful = b.op("Greater", [prior, greedy_logprobs])
             at = b.op("Compress", [positions, hopeful], axis=0)
-            values, indices = b.op("TopK", [
-                self._cluster(b, index, b.op("Compress", [rows, hopeful], axis=0)), i64([1])],
-                2, axis=1, largest=1, sorted=1)
-            values = b.op("Add", [b.op("Reshape", [values, i64([-1])]),
-                                  b.op("Compress", [prior, hopeful], axis=0)])
+            # the prior added before TopK: two words whose log P(w | c) differ by a rounding
+            # may tie once it is added, and the lower id must win, as in torch.argmax
+            joint = b.op("Add", [
+                self._cluster(b, index, b.op("Compress", [rows, hopeful], axis=0)),
+                b.op("Unsqueeze", [b.op("Compress", [prior, hopeful], axis=0), i64([1])])])
+            values, indices = b.op("TopK", [joint, i64([1])], 2, axis=1, largest=1, sorted=1)
+            values = b.op("Reshape", [values, i64([-1])])
             best_so_far = b.op("Gather", [greedy_logprobs, at], axis=0)
             better = b.op("Greater", [values, best_so_far])
             greedy_logprobs = b.op("ScatterElements", [greedy_logprobs, at, b.op(

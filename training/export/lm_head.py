@@ -63,12 +63,35 @@ class FullSoftmax:
         self.weight_t, self.bias = g.const(output.weight.t()), g.const(output.bias)
 
     def score(self, b: GraphBuilder, rows: str, targets: str):
-        logprobs = self.distribution(b, rows)
-        greedy_logprobs, greedy_tokens = _greedy(b, logprobs)
-        return _pick(b, logprobs, targets), greedy_tokens, greedy_logprobs, logprobs
+        return _dense_score(self, b, rows, targets)
 
     def distribution(self, b: GraphBuilder, rows: str) -> str:
         return b.op("LogSoftmax", [b.op("Gemm", [rows, self.weight_t, self.bias])], axis=1)
+
+
+class Dense:
+    """A softmax that scores sparsely (the adaptive one), scored through its whole
+    distribution instead: for one-step calls, where every position is a row's last and
+    its distribution is computed anyway."""
+
+    keeps_distribution = True
+
+    def __init__(self, softmax: Softmax):
+        self.softmax, self.vocab, self.hidden = softmax, softmax.vocab, softmax.hidden
+
+    def score(self, b: GraphBuilder, rows: str, targets: str):
+        return _dense_score(self, b, rows, targets)
+
+    def distribution(self, b: GraphBuilder, rows: str) -> str:
+        return self.softmax.distribution(b, rows)
+
+
+def _dense_score(softmax: Softmax, b: GraphBuilder, rows: str, targets: str):
+    """The targets and the greedy tokens read off the whole distribution, so that a greedy
+    token fed back as the target scores bitwise its greedy log-prob."""
+    logprobs = softmax.distribution(b, rows)
+    greedy_logprobs, greedy_tokens = _greedy(b, logprobs)
+    return _pick(b, logprobs, targets), greedy_tokens, greedy_logprobs, logprobs
 
 
 def lm_head(g: GraphBuilder, softmax: Softmax, out: str, dims: Dims) -> None:
@@ -81,6 +104,17 @@ def lm_head(g: GraphBuilder, softmax: Softmax, out: str, dims: Dims) -> None:
         g.op("Div", [g.const(HEAD_ROWS, dtype=np.int64), dims.batch_size])])])
     one_chunk = g.op("Equal", [chunk, dims.steps])
     whole = _whole(g.child(), softmax, out, targets, dims)
+    if not softmax.keeps_distribution:
+        # a single step needs each row's whole distribution anyway: reading its target and
+        # greedy token off it computes each part of the softmax once, not up to three times
+        b = g.child()
+        names = [b.fresh(name) for name in HEAD_OUTPUTS]
+        b.op("If", [b.op("Equal", [dims.steps, b.const(1, dtype=np.int64)])], names,
+             then_branch=_whole(b.child(), Dense(softmax), out, targets, dims),
+             else_branch=whole)
+        whole = helper.make_graph(b.nodes, b.fresh("whole_or_step"), [],
+                                  output_infos(tuple(names), softmax.vocab),
+                                  initializer=b.initializers)
     chunked = _chunked(g.child(), softmax, out, targets, dims, chunk)
     g.op("If", [one_chunk], list(HEAD_OUTPUTS), then_branch=whole, else_branch=chunked)
 

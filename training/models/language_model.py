@@ -34,6 +34,11 @@ class RecurrentLM(nn.Module):
             raise ValueError(f"model.adaptive_cutoffs must increase strictly within 1.."
                              f"{vocab_size - 2} (the vocabulary has {vocab_size} tokens); "
                              f"got {cutoffs}")
+        if cutoffs and hidden_size // adaptive_div_value ** len(cutoffs) < 1:
+            raise ValueError(f"model.adaptive_div_value {adaptive_div_value:g} leaves the last "
+                             f"of {len(cutoffs)} clusters a projection of "
+                             f"{hidden_size} // {adaptive_div_value:g}^{len(cutoffs)} = 0 units:"
+                             f" use fewer cutoffs or a smaller div_value")
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.stack = RecurrentStack(cell, embedding_size, hidden_size, num_layers, dropout,
                                     variational, bidirectional=False, learn_h0=learn_h0)
