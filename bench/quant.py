@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import onnxruntime as ort
 import torch
 
 from bench.common import REPO, cpu, now
+from bench.scoring import add_timing_flags, check_timing_flags, timed_rounds
 from serving.model.runtime import ModelRuntime
 from serving.model.tokenizer import EOS, UNK, Normalization, Vocabulary
 from training.export import export_model, export_run
@@ -59,38 +59,14 @@ def _run_exports(run: Path, root: Path) -> tuple[Path, Path, dict]:
     return float32, Path(metadata["path"]), metadata
 
 
-def _scoring_rate(runtime: ModelRuntime, ids: list[int], rows: int, window: int) -> float:
-    started = time.perf_counter()
-    scored = stream_perplexity(runtime, ids, rows, window)["tokens"]
-    return scored / (time.perf_counter() - started)
-
-
-def _step_ms(runtime: ModelRuntime, steps: int) -> float:
-    """Median milliseconds of a one-token step (B = 1) from a carried state: decoding."""
-    token, one = np.array([[2]], np.int64), np.array([1], np.int64)
-    state = runtime.initial_state(1)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        state = runtime.run_lm(token, one, state, token).state
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
-
-
 def measure(float32: Path, int8: Path, speed_ids: list[int], args) -> dict:
     """Both sides in every round, which goes first alternating; medians over the rounds,
     the ratios medians of the per-round ratios."""
-    runtimes = {"float32": ModelRuntime(float32, threads=args.threads),
-                "int8": ModelRuntime(int8, threads=args.threads)}
-    for runtime in runtimes.values():  # warm-up: first-call allocations, page faults
-        _scoring_rate(runtime, speed_ids[: 2 * args.rows + 1], args.rows, args.window)
-    rates: dict[str, list[float]] = {name: [] for name in runtimes}
-    steps: dict[str, list[float]] = {name: [] for name in runtimes}
-    for round_index in range(args.rounds):
-        order = list(runtimes) if round_index % 2 == 0 else list(runtimes)[::-1]
-        for name in order:
-            rates[name].append(_scoring_rate(runtimes[name], speed_ids, args.rows, args.window))
-            steps[name].append(_step_ms(runtimes[name], args.steps))
+    def alternating(names: list[str], round_index: int) -> list[str]:
+        return names if round_index % 2 == 0 else names[::-1]
+
+    rates, steps = timed_rounds({"float32": float32, "int8": int8}, speed_ids, args,
+                                alternating)
     sides = {name: {"score_tokens_per_s": statistics.median(rates[name]),
                     "score_tokens_per_s_per_round": rates[name],
                     "step_b1_ms": statistics.median(steps[name]),
@@ -120,35 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-model", action="store_true",
                         help="an untrained 2 x 650 LSTM over 10,000 words instead of a run: "
                              "the speed ratio only, no perplexity")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="a tiny random model and one round, to check the script in "
-                             "seconds; writes no results unless --out is given")
-    parser.add_argument("--rounds", type=int, default=7,
-                        help="rounds in which both sides are timed (default 7; 1 with --dry-run)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="ONNX Runtime intra-op threads of each side (default 2)")
-    parser.add_argument("--rows", type=int, default=32,
-                        help="scoring: parallel columns of the test stream per call (default 32)")
-    parser.add_argument("--window", type=int, default=256,
-                        help="scoring: steps per call, the state carried (default 256)")
-    parser.add_argument("--speed-tokens", type=int, default=32 * 256 * 4,
-                        help="test tokens each side scores per round (default 32768)")
-    parser.add_argument("--steps", type=int, default=50,
-                        help="one-token steps each side times per round (default 50)")
-    parser.add_argument("--ppl-tokens", type=int, default=0,
-                        help="test tokens for the perplexity of each side (default 0: the "
-                             "whole split)")
-    parser.add_argument("--out", type=Path,
-                        help="write the JSON here instead of bench/results/quant.json (and "
-                             "leave the report alone)")
+    add_timing_flags(parser, "quant.json")
     args = parser.parse_args(argv)
-    if args.dry_run:
-        args.rounds, args.rows, args.window = 1, 4, 16
-        args.speed_tokens, args.steps = 4 * 16 * 2, 5
-    if min(args.rounds, args.threads, args.rows, args.window, args.steps) < 1:
-        parser.error("--rounds, --threads, --rows, --window and --steps must be >= 1")
-    if args.speed_tokens < 2 * args.rows or args.ppl_tokens < 0:
-        parser.error("--speed-tokens must be at least 2 x --rows; --ppl-tokens >= 0")
+    check_timing_flags(parser, args)
     random_model = args.random_model or args.dry_run
     run = args.run or (None if random_model else DEFAULT_RUN)
     if random_model and args.run:

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from bench.common import REPO, cpu, now
-from bench.quant import _scoring_rate, _step_ms
+from bench.scoring import add_timing_flags, check_timing_flags, timed_rounds
 from serving.model.runtime import ModelRuntime
 from serving.model.tokenizer import EOS, UNK, Normalization, Vocabulary
 from training.export import export_model, export_run
@@ -66,20 +66,13 @@ def _tiny_exports(root: Path, adaptive: bool) -> tuple[Path, Path, dict]:
 def measure(paths: dict[str, Path], speed_ids: list[int], args) -> dict:
     """Every side in every round, the order rotating; medians over the rounds, each ratio
     the median of the per-round ratios to the full softmax in float32."""
-    runtimes = {name: ModelRuntime(path, threads=args.threads) for name, path in paths.items()}
-    for runtime in runtimes.values():  # warm-up: first-call allocations, page faults
-        _scoring_rate(runtime, speed_ids[: 2 * args.rows + 1], args.rows, args.window)
-    rates: dict[str, list[float]] = {name: [] for name in runtimes}
-    steps: dict[str, list[float]] = {name: [] for name in runtimes}
-    names = list(runtimes)
-    for round_index in range(args.rounds):
+    def rotating(names: list[str], round_index: int) -> list[str]:
         shift = round_index % len(names)
         order = names[shift:] + names[:shift]
-        if round_index % 2:
-            order.reverse()
-        for name in order:
-            rates[name].append(_scoring_rate(runtimes[name], speed_ids, args.rows, args.window))
-            steps[name].append(_step_ms(runtimes[name], args.steps))
+        return order[::-1] if round_index % 2 else order
+
+    rates, steps = timed_rounds(paths, speed_ids, args, rotating)
+    names = list(paths)
     sides = {}
     for name in names:
         speedups = [ours / base for ours, base in zip(rates[name], rates[BASELINE])]
@@ -143,35 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a run with the full softmax and one with the adaptive softmax, "
                              "trained alike; repeat for more pairs (default: runs/ptb-lstm "
                              "runs/ptb-lstm-adaptive)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny random models and one round, to check the script in "
-                             "seconds; writes no results unless --out is given")
-    parser.add_argument("--rounds", type=int, default=7,
-                        help="rounds in which every side is timed (default 7; 1 with --dry-run)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="ONNX Runtime intra-op threads of each side (default 2)")
-    parser.add_argument("--rows", type=int, default=32,
-                        help="scoring: parallel columns of the test stream per call (default 32)")
-    parser.add_argument("--window", type=int, default=256,
-                        help="scoring: steps per call, the state carried (default 256)")
-    parser.add_argument("--speed-tokens", type=int, default=32 * 256 * 4,
-                        help="test tokens each side scores per round (default 32768)")
-    parser.add_argument("--steps", type=int, default=50,
-                        help="one-token steps each side times per round (default 50)")
-    parser.add_argument("--ppl-tokens", type=int, default=0,
-                        help="test tokens for each side's perplexity (default 0: the whole "
-                             "split)")
-    parser.add_argument("--out", type=Path,
-                        help="write the JSON here instead of bench/results/softmax.json (and "
-                             "leave the report alone)")
+    add_timing_flags(parser, "softmax.json")
     args = parser.parse_args(argv)
-    if args.dry_run:
-        args.rounds, args.rows, args.window = 1, 4, 16
-        args.speed_tokens, args.steps = 4 * 16 * 2, 5
-    if min(args.rounds, args.threads, args.rows, args.window, args.steps) < 1:
-        parser.error("--rounds, --threads, --rows, --window and --steps must be >= 1")
-    if args.speed_tokens < 2 * args.rows or args.ppl_tokens < 0:
-        parser.error("--speed-tokens must be at least 2 x --rows; --ppl-tokens >= 0")
+    check_timing_flags(parser, args)
     if args.dry_run and args.pair:
         parser.error("--dry-run measures tiny random models: it takes no --pair")
     pairs = ([(None, None)] if args.dry_run

@@ -20,6 +20,7 @@ import numpy as np
 from torch import nn
 
 from training.export.builder import GraphBuilder
+from training.export.lm_head import pick
 
 
 class AdaptiveSoftmax:
@@ -66,7 +67,7 @@ class AdaptiveSoftmax:
                 b.op("Unsqueeze", [targets, i64([1])]),
                 i64([hi for _, hi, _, _ in self.clusters])])], to=7), i64([1])], keepdims=0)])
         head_index = b.op("Where", [in_head, targets, cluster_of])
-        picked = _gather_rows(b, head, head_index)
+        picked = pick(b, head, head_index)
         greedy_logprobs, greedy_tokens = (
             b.op("Reshape", [t, i64([-1])]) for t in b.op(
                 "TopK", [b.op("Slice", [head, i64([0]), i64([self.shortlist]), i64([1])]),
@@ -77,7 +78,7 @@ class AdaptiveSoftmax:
             wanted = b.op("And", [b.op("GreaterOrEqual", [targets, i64(lo)]),
                                   b.op("Less", [targets, i64(hi)])])
             at = b.op("Compress", [positions, wanted], axis=0)
-            within = _gather_rows(b, self._cluster(b, index, b.op("Compress", [rows, wanted],
+            within = pick(b, self._cluster(b, index, b.op("Compress", [rows, wanted],
                                                                   axis=0)),
                                   b.op("Sub", [b.op("Compress", [targets, wanted], axis=0),
                                                i64(lo)]))
@@ -113,9 +114,3 @@ class AdaptiveSoftmax:
             parts.append(b.op("Add", [self._cluster(b, index, rows), prior]))
         return b.op("Concat", parts, axis=1)
 
-
-def _gather_rows(b: GraphBuilder, table: str, columns: str) -> str:
-    """table [n, m] at columns [n] -> [n]."""
-    wanted = b.op("Unsqueeze", [columns, b.const([1], dtype=np.int64)])
-    return b.op("Reshape", [b.op("GatherElements", [table, wanted], axis=1),
-                            b.const([-1], dtype=np.int64)])

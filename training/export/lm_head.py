@@ -91,7 +91,7 @@ def _dense_score(softmax: Softmax, b: GraphBuilder, rows: str, targets: str):
     token fed back as the target scores bitwise its greedy log-prob."""
     logprobs = softmax.distribution(b, rows)
     greedy_logprobs, greedy_tokens = _greedy(b, logprobs)
-    return _pick(b, logprobs, targets), greedy_tokens, greedy_logprobs, logprobs
+    return pick(b, logprobs, targets), greedy_tokens, greedy_logprobs, logprobs
 
 
 def lm_head(g: GraphBuilder, softmax: Softmax, out: str, dims: Dims) -> None:
@@ -233,7 +233,7 @@ def _chunked(b: GraphBuilder, softmax: Softmax, out: str, targets: str, dims: Di
         initializer=b.initializers)
 
 
-def _pick(b: GraphBuilder, logprobs: str, targets: str) -> str:
+def pick(b: GraphBuilder, logprobs: str, targets: str) -> str:
     """logprobs [n, V] at targets [n] -> [n]."""
     wanted = b.op("Reshape", [targets, b.const([-1, 1], dtype=np.int64)])
     return b.op("Reshape", [b.op("GatherElements", [logprobs, wanted], axis=1),
