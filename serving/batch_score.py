@@ -88,7 +88,7 @@ def score_lines(runtime: ModelRuntime, lines: list[str], add_eos: bool,
     vocab = runtime.vocab
     encoded = []
     for line in lines:
-        words = vocab.normalization.tokenize(line)
+        words = vocab.tokenize(line)
         ids = vocab.encode_tokens(words)
         encoded.append((ids + [vocab.eos_id] if add_eos else ids,
                         vocab.unknown_count(words, ids)))

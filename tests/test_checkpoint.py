@@ -24,6 +24,15 @@ def _weights(run_dir):
                  "train.epochs=2", "train.batch_size=64"]),
     # classifier: shuffled buckets and dropout, stopped mid-epoch
     ("demo-cls", ["model.dropout_output=0.3", "train.epochs=2"]),
+    # AWD-LSTM: weight drop and embedding dropout (RNG), AR/TAR, weight decay, and the
+    # weight average running since epoch 1 when the run stops in epoch 3
+    ("demo-lm", ["model.weight_drop=0.3", "model.dropout_embedding=0.1",
+                 "train.activation_reg=2.0", "train.temporal_activation_reg=1.0",
+                 "optimizer.weight_decay=1e-4", "optimizer.average_after_epoch=1",
+                 "train.epochs=3", "train.batch_size=64"]),
+    # a tagger with class weights
+    ("demo-ner", ["train.class_weighting=\"inverse_sqrt\"", "model.weight_drop=0.2",
+                  "train.epochs=2"]),
 ])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(recipe, overrides, synth_dir,
                                                                  tmp_path):
@@ -40,6 +49,12 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(recipe, override
     a, b = _weights(whole), _weights(split)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    average_a = checkpoint.load(whole / checkpoint.LAST)["average"]
+    average_b = checkpoint.load(split / checkpoint.LAST)["average"]
+    assert (average_a is None) == ("optimizer.average_after_epoch=1" not in overrides)
+    if average_a is not None:
+        assert average_a.keys() == average_b.keys()
+        assert all(torch.equal(average_a[k], average_b[k]) for k in average_a)
     best_a = checkpoint.load(whole / checkpoint.BEST)["model"]
     best_b = checkpoint.load(split / checkpoint.BEST)["model"]
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
@@ -47,7 +62,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(recipe, override
 
 def _small_train(recipe, synth_dir, tmp_path):
     """A tenth of the training file, so two epochs take a few seconds."""
-    source = {"demo-lm": "lm/train.txt", "demo-cls": "cls/train.txt"}[recipe]
+    source = {"demo-lm": "lm/train.txt", "demo-cls": "cls/train.txt",
+              "demo-ner": "ner/train.conll"}[recipe]
     lines = (synth_dir / source).read_text().splitlines()[:3000]
     path = tmp_path / f"{recipe}-train.txt"
     path.write_text("\n".join(lines) + "\n")

@@ -43,9 +43,10 @@ def step_losses(run_dir: Path) -> list[float]:
 ADAPTIVE = ("model.tie_weights=false", "model.adaptive_cutoffs=[20, 101]")
 
 
-@pytest.mark.parametrize("recipe, batch, extra", [("demo-lm", 4, ()), ("demo-lm", 4, ADAPTIVE),
-                                                  ("demo-pos", 6, ())],
-                         ids=["lm", "lm-adaptive", "pos"])
+@pytest.mark.parametrize("recipe, batch, extra", [
+    ("demo-lm", 4, ()), ("demo-lm", 4, ADAPTIVE), ("demo-pos", 6, ()),
+    ("demo-ner", 6, ('train.class_weighting="inverse_sqrt"',)),  # per-target weights
+], ids=["lm", "lm-adaptive", "pos", "ner-class-weights"])
 def test_two_processes_match_one_with_the_same_global_batch(recipe, batch, extra, synth_dir,
                                                             tmp_path):
     config = write_config(tmp_path, recipe, synth_dir, f"train.batch_size={batch}", *extra)

@@ -23,3 +23,13 @@ def test_accuracy_and_macro_f1():
 def test_is_bio():
     assert is_bio(["O", "B-PER", "I-PER"])
     assert not is_bio(["NOUN", "VERB"])
+
+
+def test_entity_f1_by_type_scores_each_type_alone():
+    from training.metrics import entity_f1_by_type
+
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
+    predicted = [["B-PER", "I-PER", "O", "O"], ["B-ORG", "B-LOC"]]
+    by_type = entity_f1_by_type(gold, predicted, ["LOC", "ORG", "PER"])
+    assert by_type == {"PER": 1.0, "ORG": 1.0, "LOC": 0.0}
+    assert entity_f1(gold, predicted, "LOC") == {"precision": 0.0, "recall": 0.0, "f1": 0.0}

@@ -48,7 +48,7 @@ def test_carried_state_is_the_next_window_initial_state_and_is_detached(synth_di
         return original_forward(tokens, state, lengths, **loss)
 
     lm.forward = spy
-    loss, _, _ = task.loss(lm, second)
+    loss, _, _, _ = task.loss(lm, second)
     assert torch.equal(seen["state"], carried)
     assert not seen["state"].requires_grad  # detached: no gradient flows into window i
 

@@ -20,6 +20,7 @@ TASKS = ("lm", "tag", "classify")
 FORMATS = ("lines", "chars", "conllu", "columns", "labelled")
 MODEL_TYPES = ("rnn", "ffnn", "kn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+CLASS_WEIGHTINGS = ("none", "inverse_sqrt", "inverse")
 
 
 class ConfigError(ValueError):
@@ -33,7 +34,9 @@ class DataConfig:
     train: str = ""
     valid: str = ""
     test: str = ""
-    level: str = "word"  # tokenizer: "word" or "char"
+    # tokenizer: "word", "char", or "bpe" (byte-level BPE trained on the training split)
+    level: str = "word"
+    bpe_vocab_size: int = 8000  # level "bpe": pieces, specials included
     lowercase: bool = False
     number_token: str = ""  # "" keeps numbers as they are
     min_count: int = 1
@@ -41,6 +44,9 @@ class DataConfig:
     token_column: int = 0
     tag_column: int = -1  # columns: index of the tag; conllu: 3 = UPOS, 4 = XPOS
     encoding: str = "utf-8"
+    max_word_length: int = 20  # character-aware models: a word's spelled length, markers included
+    # lines: "skip" blank lines, or read each as an <eos> ("eos", WikiText's convention)
+    blank_lines: str = "skip"
 
 
 @dataclass
@@ -54,12 +60,24 @@ class ModelConfig:
     dropout_input: float = 0.0  # on the embeddings
     dropout_output: float = 0.0  # on the last layer's outputs
     variational: bool = False  # locked dropout: one mask per sequence
+    # AWD-LSTM's regularisers (0: off): DropConnect on the hidden-to-hidden weights, one
+    # mask per forward pass; whole words dropped from the embedding for one forward pass
+    weight_drop: float = 0.0
+    dropout_embedding: float = 0.0
     tie_weights: bool = False
     # adaptive softmax (language models): the word ids where the head's shortlist and each
     # cluster end, e.g. [2000, 6000] for PTB; [] is the full softmax
     adaptive_cutoffs: list = field(default_factory=list)
     adaptive_div_value: float = 4.0  # each cluster's projection is this much narrower
     learn_h0: bool = False
+    # taggers and classifiers: a character CNN beside the word embedding (0: none), its
+    # character embedding size, number of filters and width in characters
+    char_embedding_size: int = 0
+    char_filters: int = 50
+    char_width: int = 3
+    # taggers and classifiers: a language model's run directory to start from (its
+    # embedding, mapped word by word, and the recurrent layers whose shapes agree)
+    init_from: str = ""
     bidirectional: bool = False
     pooling: str = "final"
     window: int = 5  # ffnn context size
@@ -80,6 +98,16 @@ class TrainConfig:
     bptt: int = 35
     variable_bptt: bool = False
     clip: float = 0.25  # gradient-norm threshold, 0 disables
+    # language models: AWD-LSTM's activation regularisation, alpha * mean(o^2) on the last
+    # layer's dropped outputs, and temporal AR, beta * mean((h_t - h_{t-1})^2) (0: off)
+    activation_reg: float = 0.0
+    temporal_activation_reg: float = 0.0
+    # taggers and classifiers: weight each label's loss by its rarity in training, "none",
+    # "inverse_sqrt" ((N / count) ** 0.5) or "inverse" (N / count), mean weight 1
+    class_weighting: str = "none"
+    # ULMFiT's gradual unfreezing: the top layer group trains alone in the first epoch,
+    # then one more group every this many epochs (0: all train from the start)
+    unfreeze_every: int = 0
     log_every: int = 100  # steps between metric lines
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints, 0: end of epoch only
 
@@ -91,7 +119,10 @@ class OptimizerConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     plateau_factor: float = 0.25  # lr multiplied by this when validation does not improve
-    plateau_patience: int = 0  # epochs without improvement tolerated before that
+    # epochs without improvement tolerated before that; improvement is judged on the task's
+    # metric (perplexity; accuracy; entity F1 for BIO tags), which wobbles from epoch to
+    # epoch, so the default waits two
+    plateau_patience: int = 2
     min_lr: float = 0.0
     decay_after: int = 0  # from this epoch on, multiply lr by decay_factor each epoch (0: off)
     decay_factor: float = 1.0
@@ -99,6 +130,17 @@ class OptimizerConfig:
     # from train.epochs or, under train.max_minutes, from the epochs that still fit the
     # budget at the pace so far: the anneal happens however fast the machine is (0: off)
     decay_last: int = 0
+    # NT-ASGD (AWD-LSTM): once validation is worse than the best of all epochs but the last
+    # `nonmono`, average the weights after every step from then on; validation, best.pt and
+    # the export use the average
+    nt_asgd: bool = False
+    nonmono: int = 5
+    # or start averaging at the end of this epoch whatever validation says (stochastic
+    # weight averaging's fixed start; 0: off)
+    average_after_epoch: int = 0
+    # discriminative learning rates (ULMFiT: 2.6): each layer group down from the output
+    # trains this factor slower (taggers and classifiers; 1: one rate)
+    layer_lr_decay: float = 1.0
 
 
 @dataclass
@@ -204,8 +246,17 @@ def validate(config: Config) -> None:
     checks = [
         (d.task in TASKS, "data.task", f"must be one of {', '.join(TASKS)}"),
         (d.format in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}"),
-        (d.level in ("word", "char"), "data.level", "must be 'word' or 'char'"),
+        (d.level in ("word", "char", "bpe"), "data.level", "must be 'word', 'char' or 'bpe'"),
+        (d.level != "bpe" or (d.task == "lm" and d.format == "lines"), "data.level",
+         "'bpe' applies to language models on data.format = 'lines'"),
+        (d.level != "bpe" or not d.number_token, "data.number_token",
+         "does not apply to data.level = 'bpe' (any text is its pieces)"),
+        (d.bpe_vocab_size >= 258, "data.bpe_vocab_size",
+         "must be >= 258 (the 256 bytes and <unk>, <eos>)"),
         (bool(d.train), "data.train", "is required"),
+        (d.blank_lines in ("skip", "eos"), "data.blank_lines", "must be 'skip' or 'eos'"),
+        (d.blank_lines == "skip" or d.format == "lines", "data.blank_lines",
+         "applies to data.format = 'lines'"),
         (m.type in MODEL_TYPES, "model.type", f"must be one of {', '.join(MODEL_TYPES)}"),
         (m.cell in CELLS, "model.cell", f"must be one of {', '.join(CELLS)}"),
         (m.pooling in POOLINGS, "model.pooling", f"must be one of {', '.join(POOLINGS)}"),
@@ -236,6 +287,43 @@ def validate(config: Config) -> None:
         (m.window >= 1, "model.window", "must be >= 1"),
         (all(0.0 <= p < 1.0 for p in (m.dropout, m.dropout_input, m.dropout_output)),
          "model.dropout", "dropout probabilities must be in [0, 1)"),
+        (0.0 <= m.weight_drop < 1.0, "model.weight_drop", "must be in [0, 1)"),
+        (0.0 <= m.dropout_embedding < 1.0, "model.dropout_embedding", "must be in [0, 1)"),
+        (not ((m.weight_drop or m.dropout_embedding) and m.type != "rnn"), "model.weight_drop",
+         f"weight_drop and dropout_embedding apply to recurrent models (model.type is "
+         f"'{m.type}')"),
+        (t.activation_reg >= 0.0 and t.temporal_activation_reg >= 0.0, "train.activation_reg",
+         "activation_reg and temporal_activation_reg must be >= 0"),
+        (not ((t.activation_reg or t.temporal_activation_reg)
+              and not (d.task == "lm" and m.type == "rnn")), "train.activation_reg",
+         "activation_reg and temporal_activation_reg apply to recurrent language models"),
+        (o.nonmono >= 1, "optimizer.nonmono", "must be >= 1"),
+        (o.average_after_epoch >= 0, "optimizer.average_after_epoch", "must be >= 0"),
+        (o.layer_lr_decay >= 1.0, "optimizer.layer_lr_decay", "must be >= 1"),
+        (o.layer_lr_decay == 1.0 or d.task != "lm", "optimizer.layer_lr_decay",
+         "applies to taggers and classifiers"),
+        (t.unfreeze_every >= 0, "train.unfreeze_every", "must be >= 0"),
+        (m.char_embedding_size >= 0, "model.char_embedding_size", "must be >= 0 (0: off)"),
+        (not m.char_embedding_size or d.task != "lm", "model.char_embedding_size",
+         "applies to taggers and classifiers"),
+        (m.char_filters >= 1, "model.char_filters", "must be >= 1"),
+        (m.char_width >= 1 and m.char_width % 2 == 1, "model.char_width",
+         "must be an odd number >= 1"),
+        (3 <= d.max_word_length <= 64, "data.max_word_length",
+         "must be in [3, 64] (a word's start and end markers and its characters)"),
+        (not ((o.nt_asgd or o.average_after_epoch) and m.type == "kn"), "optimizer.nt_asgd",
+         "nt_asgd and average_after_epoch average trained weights; model.type 'kn' has none"),
+        (d.level != "bpe" or (d.min_count == 1 and d.max_size == 0), "data.min_count",
+         "min_count and max_size do not apply to data.level = 'bpe' (its size is "
+         "data.bpe_vocab_size)"),
+        (t.unfreeze_every == 0 or d.task != "lm", "train.unfreeze_every",
+         "applies to taggers and classifiers"),
+        (not m.init_from or d.task != "lm", "model.init_from",
+         "applies to taggers and classifiers (a language model run to start them from)"),
+        (t.class_weighting in CLASS_WEIGHTINGS, "train.class_weighting",
+         f"must be one of {', '.join(CLASS_WEIGHTINGS)}"),
+        (t.class_weighting == "none" or d.task != "lm", "train.class_weighting",
+         "applies to taggers and classifiers"),
         (t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size", "must be >= 1"),
         (t.bptt >= 1, "train.bptt", "must be >= 1"),
         (t.clip >= 0.0, "train.clip", "must be >= 0"),

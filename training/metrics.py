@@ -38,10 +38,15 @@ def entity_spans(tags: Sequence[str]) -> set[tuple[int, int, str]]:
     return spans
 
 
-def entity_f1(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> dict:
+def entity_f1(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]],
+              kind: str | None = None) -> dict:
+    """Exact-span precision, recall and F1 over all entities, or those of one `kind`."""
     tp = fp = fn = 0
     for g, p in zip(gold, predicted):
         gs, ps = entity_spans(g), entity_spans(p)
+        if kind is not None:
+            gs = {s for s in gs if s[2] == kind}
+            ps = {s for s in ps if s[2] == kind}
         tp += len(gs & ps)
         fp += len(ps - gs)
         fn += len(gs - ps)
@@ -49,3 +54,10 @@ def entity_f1(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]])
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def entity_f1_by_type(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]],
+                      kinds: Sequence[str]) -> dict[str, float]:
+    """F1 of each entity type, as conlleval reports them (rare types are where a tagger
+    that looks good overall fails)."""
+    return {kind: entity_f1(gold, predicted, kind)["f1"] for kind in kinds}

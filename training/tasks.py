@@ -14,12 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.model.tokenizer import EOS, PAD, UNK, LabelSet, Normalization, Vocabulary
+from serving.model.tokenizer import (
+    EOS,
+    PAD,
+    UNK,
+    BytePairEncoding,
+    LabelSet,
+    Normalization,
+    Spelling,
+    Vocabulary,
+)
 from training import metrics
 from training.config import Config, ConfigError
 from training.data import batching, readers
 from training.distributed import World, own_slice
-from training.models.encoders import RecurrentClassifier, RecurrentTagger
+from training.models.encoders import CharOptions, RecurrentClassifier, RecurrentTagger
 from training.models.language_model import FeedForwardLM, RecurrentLM
 from training.models.ngram import KneserNey
 
@@ -31,13 +40,16 @@ def normalization(config: Config) -> Normalization:
     return Normalization(d.level, d.lowercase, d.number_token or None)
 
 
-def _read(config: Config, split: str):
+def _read(config: Config, split: str, vocab: Vocabulary | None = None):
+    """A split's examples, tokenized as `vocab` does (a BPE vocabulary: its pieces) or by
+    the configured normalisation."""
     d, norm = config.data, normalization(config)
     path = getattr(d, split)
     if not path:
         raise ValueError(f"data.{split} is not set")
     if d.format == "lines":
-        return readers.read_lines_lm(path, norm, d.encoding)
+        return readers.read_lines_lm(path, vocab if vocab is not None else norm, d.encoding,
+                                     d.blank_lines)
     if d.format == "chars":
         one_file = d.train == d.valid == d.test
         return readers.read_char_stream(path, norm, split if one_file else None,
@@ -55,6 +67,7 @@ class LanguageModelTask:
     carried across windows and detached; evaluated with the state carried too."""
 
     metric = "ppl"
+    select_by = "ppl"  # what best.pt and the plateau rule follow
     higher_is_better = False
 
     def __init__(self, config: Config, vocab: Vocabulary | None = None):
@@ -62,23 +75,30 @@ class LanguageModelTask:
         is read until a split is asked for."""
         self.config = config
         sentences = {}
-        if vocab is None:
+        d = config.data
+        if vocab is None and d.level == "bpe":
+            lines = readers.read_text_lines(d.train, d.encoding)
+            vocab = Vocabulary.from_bpe(BytePairEncoding.train(
+                (line.lower() if d.lowercase else line for line in lines),
+                d.bpe_vocab_size, [UNK, EOS]), d.lowercase)
+        elif vocab is None:
             sentences["train"] = _read(config, "train")
             counts = Counter(t for s in sentences["train"] for t in s)
-            d = config.data
             vocab = Vocabulary.build(counts, [UNK, EOS], normalization(config), d.min_count,
                                      d.max_size or None)
         self.vocab = vocab
         self.labels = None
         self._sentences = sentences
         self.streams: dict[str, list[int]] = {}
+        self._text_bytes: dict[str, int] = {}
         self.carry = None  # hidden state carried between training windows (own columns)
         self.eval_limit: int | None = None  # dry runs evaluate on a prefix only
         self.world = World()  # data-parallel training: this rank trains on its own columns
 
     def stream(self, split: str) -> list[int]:
         if split not in self.streams:
-            sentences = self._sentences.pop(split, None) or _read(self.config, split)
+            sentences = (self._sentences.pop(split, None)
+                         or _read(self.config, split, self.vocab))
             self.streams[split] = [self.vocab.id(t) for s in sentences for t in s]
         return self.streams[split]
 
@@ -93,7 +113,7 @@ class LanguageModelTask:
             return RecurrentLM(v, m.cell, m.embedding_size, m.hidden_size, m.layers,
                                m.dropout, m.dropout_input, m.dropout_output, m.variational,
                                m.tie_weights, m.learn_h0, m.adaptive_cutoffs,
-                               m.adaptive_div_value)
+                               m.adaptive_div_value, m.weight_drop, m.dropout_embedding)
         except ValueError as error:
             raise ConfigError(str(error)) from error
 
@@ -108,12 +128,19 @@ class LanguageModelTask:
         self.carry = None
 
     def loss(self, model: nn.Module, batch):
-        """-> (mean loss, tokens read, (correct, counted) or None)."""
+        """-> (objective, mean NLL, tokens read, (correct, counted) or None): the objective
+        adds AR/TAR's penalty to the NLL, which alone is logged."""
         inputs, targets = batch
         if self.carry is not None:
             self.carry = self.carry.detach()
-        loss, self.carry = model(inputs, self.carry, targets=targets, reduction="mean")
-        return loss, targets.numel(), None
+        t = self.config.train
+        if t.activation_reg or t.temporal_activation_reg:
+            nll, self.carry, penalty = model(
+                inputs, self.carry, targets=targets, reduction="mean",
+                activation_reg=t.activation_reg, temporal_activation_reg=t.temporal_activation_reg)
+            return nll + penalty, nll, targets.numel(), None
+        nll, self.carry = model(inputs, self.carry, targets=targets, reduction="mean")
+        return nll, nll, targets.numel(), None
 
     @torch.inference_mode()
     def evaluate(self, model, split: str, device: torch.device) -> dict:
@@ -133,7 +160,28 @@ class LanguageModelTask:
                 nll += nll_sum.item()
                 count += targets.numel()
         loss = nll / max(1, count)
-        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+        result = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+        covered = self.text_bytes(split) * count / max(1, len(self.stream(split)))
+        result.update(bytes=round(covered), nats_per_byte=nll / max(1.0, covered))
+        return result
+
+    def text_bytes(self, split: str) -> int:
+        """The UTF-8 bytes of a split's text as its file holds it (each line with its
+        newline; blank lines only where they are read as `<eos>`), which every tokenization
+        of it shares: a model's NLL over these bytes compares words, characters and BPE
+        pieces on one scale. evaluate() counts them pro rata to the tokens it scores."""
+        if split not in self._text_bytes:
+            d = self.config.data
+            path = getattr(d, split)
+            if d.format == "lines":
+                keep_blank = d.blank_lines == "eos"
+                self._text_bytes[split] = sum(
+                    len(line.encode()) + 1 for line in readers.read_text_lines(path, d.encoding)
+                    if keep_blank or line.strip())
+            else:
+                sentences = _read(self.config, split)
+                self._text_bytes[split] = sum(len(t.encode()) for s in sentences for t in s)
+        return self._text_bytes[split]
 
 
 class _PaddedTask:
@@ -151,9 +199,12 @@ class _PaddedTask:
             d = config.data
             vocab = Vocabulary.build(counts, [PAD, UNK], normalization(config), d.min_count,
                                      d.max_size or None)
+            if config.model.char_embedding_size:  # every training word's characters
+                vocab.spelling = Spelling.build(counts, d.max_word_length)
         self.vocab = vocab
         self.labels = labels or LabelSet.build(self._all_labels(self.examples["train"]))
         self._encoded: dict[str, list] = {}
+        self._class_weights: torch.Tensor | None = None
         self.carry = None  # batches are independent: nothing carried
         self.eval_limit: int | None = None  # dry runs evaluate on a prefix only
         self.world = World()  # data-parallel training: this rank trains on its rows of a batch
@@ -161,9 +212,23 @@ class _PaddedTask:
     def encoded(self, split: str) -> list:
         if split not in self._encoded:
             raw = self.examples.pop(split, None) or _read(self.config, split)
-            self._encoded[split] = [(self.vocab.encode_tokens(words), self._encode_target(target))
+            self._encoded[split] = [(self._encode_words(words), self._encode_target(target))
                                     for words, target in raw if words]
         return self._encoded[split]
+
+    def _encode_words(self, words: list[str]) -> list:
+        ids = self.vocab.encode_tokens(words)
+        return ids if self.vocab.spelling is None else self.vocab.encode_spelled(words, ids)
+
+    def char_options(self) -> CharOptions | None:
+        m = self.config.model
+        if not m.char_embedding_size:
+            return None
+        if self.vocab.spelling is None:
+            raise ConfigError("model.char_embedding_size: this run's vocabulary has no "
+                              "spelling (it was trained without characters)")
+        return CharOptions(len(self.vocab.spelling), m.char_embedding_size, m.char_filters,
+                           m.char_width)
 
     def epoch_batches(self, epoch: int, device: torch.device):
         t = self.config.train
@@ -187,15 +252,43 @@ class _PaddedTask:
     def start_epoch(self) -> None:
         pass
 
+    def class_weights(self, device: torch.device) -> torch.Tensor | None:
+        """train.class_weighting: each label's loss weight from its training count c,
+        (N / c) ** power, scaled so that the training examples' mean weight is 1 (the loss,
+        a weighted sum over a batch's targets divided by their number, keeps its scale and
+        the learning rate its meaning). None when unweighted."""
+        power = {"none": 0.0, "inverse_sqrt": 0.5, "inverse": 1.0}[
+            self.config.train.class_weighting]
+        if power == 0.0:
+            return None
+        if self._class_weights is None:
+            counts = torch.zeros(len(self.labels), dtype=torch.float64)
+            for _, target in self.encoded("train"):
+                ids = torch.tensor(target if isinstance(target, list) else [target])
+                ids = ids[ids != batching.IGNORE_INDEX]
+                counts += torch.bincount(ids, minlength=len(self.labels)).double()
+            weights = (counts.sum() / counts.clamp(min=1)) ** power
+            weights /= (weights * counts).sum() / counts.sum()
+            self._class_weights = weights.float()
+        return self._class_weights.to(device)
+
     def loss(self, model: nn.Module, batch):
-        """-> (mean loss, tokens read, (correct, counted) or None)."""
+        """-> (objective, mean NLL, tokens read, (correct, counted) or None): the NLL, which
+        is logged, is unweighted, comparable with validation's."""
         tokens, lengths, targets = batch
         logits, _ = model(tokens, lengths)
+        weights = self.class_weights(logits.device)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=batching.IGNORE_INDEX)
+                               weight=weights, ignore_index=batching.IGNORE_INDEX,
+                               reduction="mean" if weights is None else "sum")
         correct = (logits.detach().argmax(-1) == targets).sum().item()
         counted = int((targets != batching.IGNORE_INDEX).sum())
-        return loss, int(lengths.sum()), (correct, counted)
+        logged = loss
+        if weights is not None:  # per target, not per weight: the terms DDP's rescaling counts
+            loss = loss / max(1, counted)
+            logged = F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1]),
+                                     targets.reshape(-1), ignore_index=batching.IGNORE_INDEX)
+        return loss, logged, int(lengths.sum()), (correct, counted)
 
     @torch.inference_mode()
     def predictions(self, model, split: str, device: torch.device):
@@ -228,6 +321,12 @@ class TaggingTask(_PaddedTask):
     metric = "accuracy"
     higher_is_better = True
 
+    @property
+    def select_by(self) -> str:
+        """Entity F1 for BIO tags (a tagger that predicts O everywhere has a high token
+        accuracy on rare entities and an F1 of 0), accuracy for the others (POS)."""
+        return "entity_f1" if metrics.is_bio(self.labels.names) else "accuracy"
+
     def _all_labels(self, examples):
         return [tag for _, tags in examples for tag in tags]
 
@@ -240,7 +339,8 @@ class TaggingTask(_PaddedTask):
         return RecurrentTagger(len(self.vocab), len(self.labels), self.vocab.pad_id, m.cell,
                                m.embedding_size, m.hidden_size, m.layers, m.dropout,
                                m.dropout_input, m.dropout_output, m.variational, m.bidirectional,
-                               m.learn_h0)
+                               m.learn_h0, m.weight_drop, m.dropout_embedding,
+                               self.char_options())
 
     def evaluate(self, model, split: str, device: torch.device) -> dict:
         gold, predicted, loss = self.predictions(model, split, device)
@@ -255,11 +355,15 @@ class TaggingTask(_PaddedTask):
 
             entity = metrics.entity_f1(named(gold), named(predicted))
             result.update({f"entity_{k}": v for k, v in entity.items()})
+            kinds = sorted({n[2:] for n in names if n != "O"})
+            by_type = metrics.entity_f1_by_type(named(gold), named(predicted), kinds)
+            result.update({f"entity_f1_{kind}": v for kind, v in by_type.items()})
         return result
 
 
 class ClassificationTask(_PaddedTask):
     metric = "accuracy"
+    select_by = "accuracy"
     higher_is_better = True
 
     def _all_labels(self, examples):
@@ -273,7 +377,8 @@ class ClassificationTask(_PaddedTask):
         return RecurrentClassifier(len(self.vocab), len(self.labels), self.vocab.pad_id, m.cell,
                                    m.embedding_size, m.hidden_size, m.layers, m.dropout,
                                    m.dropout_input, m.dropout_output, m.variational,
-                                   m.bidirectional, m.pooling, m.learn_h0)
+                                   m.bidirectional, m.pooling, m.learn_h0, m.weight_drop,
+                                   m.dropout_embedding, self.char_options())
 
     def evaluate(self, model, split: str, device: torch.device) -> dict:
         gold, predicted, loss = self.predictions(model, split, device)

@@ -15,16 +15,18 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from training import checkpoint, distributed
+from training.averaging import WeightAverage, nonmonotone_trigger
 from training.config import Config, ConfigError, anchored
 from training.models.ngram import KneserNey
 from training.tasks import make_task
+from training.transfer import parameter_groups, transfer_from_lm, unfreeze_for_epoch
 
 DRY_RUN_BATCHES = 3
 
@@ -39,6 +41,8 @@ class Progress:
     best: float | None = None  # best validation metric so far
     bad_epochs: int = 0
     clipped_steps: int = 0
+    history: list = field(default_factory=list)  # the validation metric after each epoch
+    averaging_from: int = 0  # NT-ASGD: the step averaging started at (0: not yet)
 
 
 def device_of(config: Config) -> torch.device:
@@ -49,7 +53,13 @@ def device_of(config: Config) -> torch.device:
 
 
 def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    o, params = config.optimizer, [p for p in model.parameters() if p.requires_grad]
+    """Every parameter, frozen ones too (they have no gradient, so no step moves them, and
+    gradual unfreezing needs no new optimizer); with layer_lr_decay, one group per layer."""
+    o = config.optimizer
+    params = parameter_groups(model, config) or [{"params": list(model.parameters()),
+                                                   "lr_scale": 1.0}]
+    for group in params:
+        group["lr"] = o.lr * group["lr_scale"]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
@@ -131,9 +141,19 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
     t = config.train
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
+    if t.unfreeze_every and world.distributed:
+        raise ConfigError("train.unfreeze_every trains in one process (DistributedDataParallel "
+                          "fixes the trainable parameters when it wraps the model)")
+    if config.data.level == "bpe" and world.distributed and not resume:
+        raise ConfigError("data.level = 'bpe' trains its tokenizer in one process: train the "
+                          "first epoch without --nproc (or with train.max_steps), then resume "
+                          "it with --nproc")
     task = make_task(config, run_dir if resume else None)
     task.world = world
     model = task.build_model()  # refuses what only the vocabulary shows before anything is written
+    transferred = None
+    if config.model.init_from and not resume:  # refused, too, before anything is written
+        transferred = transfer_from_lm(model, task.vocab, config.model.init_from)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         task.vocab.save(run_dir / "vocab.json")
@@ -147,15 +167,22 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
             raise ConfigError("model.type = 'kn' (a count-based model) trains in one process")
         return _finish_count_model(task, model, run_dir, device)
 
+    if transferred is not None and world.is_main:
+        (run_dir / "transfer.json").write_text(json.dumps(transferred, indent=2) + "\n")
+        print(f"from {transferred['from']}: {transferred['words']} of "
+              f"{transferred['vocabulary']} word vectors, "
+              f"{transferred['recurrent_layers']} recurrent layer(s)")
     model.to(device)
     if world.rank > 0:  # other dropout masks than rank 0's (which match a single process)
         torch.manual_seed(t.seed + world.rank)
     optimizer = build_optimizer(config, model)
     progress = Progress(lr=config.optimizer.lr)
+    average = WeightAverage()
     if resume:
         saved = checkpoint.load(run_dir / checkpoint.LAST, device)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        average.load_state_dict(model, saved.get("average"))
         progress = Progress(**saved["progress"])
         carry = saved.get("carry")
         task.carry = (None if carry is None
@@ -174,7 +201,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
             checkpoint.save_atomic(
                 {"model": distributed.unwrap(model).state_dict(),
                  "optimizer": optimizer.state_dict(), "progress": asdict(progress),
-                 "carry": carry, "rng": rngs[0], "rng_by_rank": rngs}, run_dir / checkpoint.LAST)
+                 "average": average.state_dict(), "carry": carry, "rng": rngs[0],
+                 "rng_by_rank": rngs}, run_dir / checkpoint.LAST)
 
     with _Stop() as stop:
         while progress.epoch < epochs and not stopped_early:
@@ -183,6 +211,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
                 total = min(total, DRY_RUN_BATCHES)
             if progress.index == 0:
                 task.start_epoch()
+            if t.unfreeze_every:
+                unfreeze_for_epoch(distributed.unwrap(model), t.unfreeze_every, progress.epoch)
             window = _new_window()
             bar = tqdm(total=total, initial=progress.index, desc=f"epoch {progress.epoch + 1}",
                        dynamic_ncols=True, leave=False, disable=None if world.is_main else True)
@@ -190,18 +220,20 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
                 if index >= total:
                     break
                 model.train()
-                loss, tokens, counts = task.loss(model, batch)
-                logged_loss = loss.item()
+                loss, logged, tokens, counts = task.loss(model, batch)
+                logged_loss = logged.item()
                 interrupted = stop.requested
                 out_of_time = t.max_minutes > 0 and time.monotonic() - started > t.max_minutes * 60
                 if world.distributed:
                     loss, logged_loss, tokens, counts, interrupted, out_of_time = _agree(
-                        world, device, loss, tokens, counts, interrupted, out_of_time)
+                        world, device, loss, logged_loss, tokens, counts, interrupted,
+                        out_of_time)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 limit = t.clip if t.clip > 0 else math.inf
                 norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
                 optimizer.step()
+                average.update(distributed.unwrap(model))
                 clipped = norm > limit
                 progress.index, progress.step = index + 1, progress.step + 1
                 progress.tokens += tokens
@@ -242,7 +274,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
                 t, epochs - progress.epoch, time.monotonic() - started,
                 progress.epoch - first_epoch))
             _end_of_epoch(task, distributed.unwrap(model), optimizer, progress, config, log,
-                          run_dir, device, world, left)
+                          run_dir, device, world, left, average)
             save_last()
     log.close()
     if not world.is_main:
@@ -250,16 +282,16 @@ def _train(config: Config, run_dir: Path, resume: bool, dry_run: bool,
     return _finish(task, distributed.unwrap(model), run_dir, device, progress)
 
 
-def _agree(world: distributed.World, device: torch.device, loss: torch.Tensor, tokens: int,
-           counts, interrupted: bool, out_of_time: bool):
-    """One all_reduce per step: the global mean loss and counts for the log, and the stop
-    flags, so that all ranks stop after the same step.
+def _agree(world: distributed.World, device: torch.device, loss: torch.Tensor,
+           logged_loss: float, tokens: int, counts, interrupted: bool, out_of_time: bool):
+    """One all_reduce per step: the global mean logged loss and counts for the log, and the
+    stop flags, so that all ranks stop after the same step.
     The local mean loss is rescaled so that DDP's gradient average equals the gradient of
     the mean over all ranks' loss terms (ranks may hold different numbers of them)."""
     terms = counts[1] if counts is not None else tokens  # what the mean loss averages over
     correct, counted = counts if counts is not None else (0, 0)
     total = distributed.sum_across(
-        world, [loss.item() * terms, terms, tokens, correct, counted, interrupted, out_of_time],
+        world, [logged_loss * terms, terms, tokens, correct, counted, interrupted, out_of_time],
         device)
     scaled = loss * (terms * world.size / max(1.0, total[1]))
     mean = total[0] / max(1.0, total[1])
@@ -299,25 +331,60 @@ def _epochs_left(t, by_count: int, elapsed_s: float, epochs_done_here: int) -> f
 
 def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, log: MetricLog,
                   run_dir: Path, device, world: distributed.World,
-                  epochs_left: float = math.inf) -> None:
-    """Validation and the learning-rate schedule. Every rank evaluates the same weights;
-    rank 0's result decides, so the schedules cannot drift apart."""
-    result = distributed.from_main(world, task.evaluate(model, "valid", device))
-    evaluated = {("eval_" + k if k in ("tokens", "examples") else k): v for k, v in result.items()}
+                  epochs_left: float = math.inf, average: WeightAverage | None = None) -> None:
+    """Validation, best-checkpoint selection by the task's own metric (task.select_by),
+    NT-ASGD's trigger and the learning-rate schedule. Every rank evaluates the same
+    weights; rank 0's result decides, so the schedules cannot drift apart."""
+    average = average or WeightAverage()
+    evaluated_model = average.model(model)
+    result = distributed.from_main(world, task.evaluate(evaluated_model, "valid", device))
+    logged = {("eval_" + k if k in ("tokens", "examples") else k): v for k, v in result.items()}
     log.write({"split": "valid", "step": progress.step, "epoch": progress.epoch,
-               "tokens": progress.tokens, "lr": progress.lr, **evaluated})
-    value = result[task.metric]
-    improved = progress.best is None or (value > progress.best if task.higher_is_better
-                                         else value < progress.best)
+               "tokens": progress.tokens, "lr": progress.lr,
+               "averaged_steps": average.steps_averaged, **logged})
+    value = result[task.select_by]
+    o = config.optimizer
+    improved, lr = schedule_after_validation(progress, value, task.higher_is_better, o,
+                                             epochs_left)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
     if world.is_main:
-        print(f"epoch {progress.epoch}: valid {shown}{' (best)' if improved else ''}")
-    o, lr = config.optimizer, progress.lr
+        print(f"epoch {progress.epoch}: valid {shown}{' (best)' if improved else ''}"
+              f"{' (averaged)' if average.started else ''}")
+    if improved and world.is_main:
+        checkpoint.save_atomic({"model": evaluated_model.state_dict(), "epoch": progress.epoch,
+                                "valid": result, "averaged_steps": average.steps_averaged},
+                               run_dir / checkpoint.BEST)
+    triggered = o.nt_asgd and nonmonotone_trigger(progress.history, value, o.nonmono,
+                                                  task.higher_is_better)
+    scheduled = o.average_after_epoch and progress.epoch >= o.average_after_epoch
+    if not average.started and (triggered or scheduled):
+        average.start(model)
+        progress.averaging_from = progress.step
+        if world.is_main:
+            why = (f"validation {task.select_by} {value:.4g} is worse than the best before "
+                   f"the last {o.nonmono} epochs" if triggered
+                   else f"epoch {progress.epoch} has ended")
+            print(f"averaging the weights from step {progress.step}: {why}")
+    progress.history.append(value)
+    if lr != progress.lr:
+        progress.lr = lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if world.is_main:
+            print(f"learning rate now {lr:.4g}")
+
+
+def schedule_after_validation(progress: Progress, value: float, higher_is_better: bool,
+                              o, epochs_left: float = math.inf) -> tuple[bool, float]:
+    """Updates the best value and the plateau counter from this epoch's validation
+    `value`; -> (whether it improved on the best, the learning rate for the next epoch).
+    The rate is cut by plateau_factor after more than plateau_patience epochs without
+    improvement, and decayed on the configured epochs."""
+    improved = progress.best is None or (value > progress.best if higher_is_better
+                                         else value < progress.best)
+    lr = progress.lr
     if improved:
         progress.best, progress.bad_epochs = value, 0
-        if world.is_main:
-            checkpoint.save_atomic({"model": model.state_dict(), "epoch": progress.epoch,
-                                    "valid": result}, run_dir / checkpoint.BEST)
     else:
         progress.bad_epochs += 1
         if progress.bad_epochs > o.plateau_patience and o.plateau_factor < 1.0:
@@ -325,13 +392,7 @@ def _end_of_epoch(task, model, optimizer, progress: Progress, config: Config, lo
     if ((o.decay_after and progress.epoch >= o.decay_after)
             or (o.decay_last and epochs_left <= o.decay_last)):
         lr *= o.decay_factor
-    lr = max(o.min_lr, lr)
-    if lr != progress.lr:
-        progress.lr = lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if world.is_main:
-            print(f"learning rate now {lr:.4g}")
+    return improved, max(o.min_lr, lr)
 
 
 def _restore_rng(saved: dict, world: distributed.World, seed: int) -> None:
@@ -352,9 +413,13 @@ def _finish(task, model, run_dir: Path, device, progress: Progress) -> dict:
     best = checkpoint.load(run_dir / checkpoint.BEST, device)
     model.load_state_dict(best["model"])
     summary = {"valid": task.evaluate(model, "valid", device), "best_epoch": best["epoch"],
+               "selected_by": task.select_by,
+               "averaged_steps": best.get("averaged_steps", 0),
                "steps": progress.step, "tokens": progress.tokens,
                "clip_fraction": progress.clipped_steps / max(1, progress.step),
                "parameters": sum(p.numel() for p in model.parameters())}
+    if (run_dir / "transfer.json").exists():
+        summary["transferred"] = json.loads((run_dir / "transfer.json").read_text())
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     from training.plots import learning_curve
 

@@ -75,9 +75,24 @@ class Sample:
         self.logprob = float(next_logprobs[self.token])
         self.top = most_likely(next_logprobs, top)  # (id, log-prob) of the token's draw
         self.ids: list[int] = []
+        self.decoder = None  # a BPE vocabulary's incremental decoder, from the first read
+        self.piece = ""  # the text of the token read last (`read`)
+        self.length_streamed = 0  # characters its token events have carried
         self.tail = ""  # the end of the text, as far back as a stop string could start
         self.length = 0  # of the whole text, in characters
         self.text: str | None = None  # set when a stop string cut the text
+
+
+    def read(self, token: int, vocab) -> str:
+        """The text `token` adds: the token itself, or for BPE the characters its bytes
+        complete ("" while a character's bytes are still arriving)."""
+        if vocab.bpe is None:
+            self.piece = vocab.tokens[token]
+        else:
+            if self.decoder is None:
+                self.decoder = vocab.stream_decoder()
+            self.piece = self.decoder.step(token)
+        return self.piece
 
 
 class Stops:
@@ -96,9 +111,10 @@ class Stops:
             return EOS
         if token in self.token_ids:
             return STOP
+        text = sample.read(token, vocab)
         if self.strings:
             joiner = vocab.normalization.detokenize(["", ""]) if sample.length else ""
-            piece = joiner + vocab.tokens[token]
+            piece = joiner + text
             window = sample.tail + piece  # the text's end: a new match ends in `piece`
             cuts = [i for i in (window.find(s) for s in self.strings) if i >= 0]
             if cuts:
@@ -231,6 +247,7 @@ async def decode(model: LoadedModel, params: CompletionParams, active: list[Samp
             reason = stops.check(sample, token, vocab)
             if reason is None:
                 sample.ids.append(token)
+                sample.length_streamed += len(sample.piece)
                 events.append(_token_event(sample, token, logprob, vocab))
                 if len(sample.ids) >= params.max_tokens:
                     reason = LENGTH
@@ -240,8 +257,12 @@ async def decode(model: LoadedModel, params: CompletionParams, active: list[Samp
                                                 params.top)
                 steps.append((sample, future))
             else:
-                text = vocab.decode(sample.ids) if sample.text is None else sample.text
-                ended = (_token_event(sample, token, logprob, vocab)
+                text = sample.text
+                if text is None:
+                    text = vocab.decode(sample.ids)
+                    if vocab.bpe is not None:  # what was streamed: no character cut short
+                        text = text[: sample.length_streamed]
+                ended = (_token_event(sample, token, logprob, vocab, read=False)
                          if reason in (EOS, STOP) and sample.text is None else None)
                 events.append(FinishEvent(sample.index, reason, text, ended))
         generated = sum(1 for e in events if isinstance(e, TokenEvent))
@@ -263,6 +284,10 @@ async def decode(model: LoadedModel, params: CompletionParams, active: list[Samp
                 future.cancel()
 
 
-def _token_event(sample: Sample, token: int, logprob: float, vocab) -> TokenEvent:
-    return TokenEvent(sample.index, token, vocab.tokens[token], logprob,
-                      tuple((i, vocab.tokens[i], lp) for i, lp in sample.top))
+def _token_event(sample: Sample, token: int, logprob: float, vocab,
+                 read: bool = True) -> TokenEvent:
+    """`read`: a token of the text (its text is what `Sample.read` gave); otherwise one
+    that ended the sample, shown alone."""
+    texts = vocab.texts
+    return TokenEvent(sample.index, token, sample.piece if read else texts[token], logprob,
+                      tuple((i, texts[i], lp) for i, lp in sample.top))

@@ -214,7 +214,7 @@ class Engine:
         vocab = model.vocab
         ids, words = encoded.ids, list(encoded.words)
         if add_eos:
-            ids, words = np.append(ids, vocab.eos_id), words + [vocab.tokens[vocab.eos_id]]
+            ids, words = np.append(ids, vocab.eos_id), words + [vocab.texts[vocab.eos_id]]
         alternatives = None
         if top == 0 or (top == 1 and model.runtime.has_greedy):
             # one pass: the graph gives each position's most likely token beside its own
@@ -222,12 +222,12 @@ class Engine:
                                           store_end=not add_eos)
             logprobs = read.logprobs.tolist()
             if top:
-                alternatives = [[(int(i), vocab.tokens[i], float(lp))]
+                alternatives = [[(int(i), vocab.texts[i], float(lp))]
                                 for i, lp in zip(read.tokens["greedy_id"],
                                                  read.tokens["greedy_logprob"], strict=True)]
         else:
             logprobs, ranked = await operations.score_ranked(model, ids, top)
-            alternatives = [[(i, vocab.tokens[i], lp) for i, lp in row] for row in ranked]
+            alternatives = [[(i, vocab.texts[i], lp) for i, lp in row] for row in ranked]
         self.metrics.tokens.labels(model.label, "scored").inc(len(ids))
         return Scored(ids.tolist(), words, logprobs, encoded.unknown, math.fsum(logprobs),
                       alternatives)
@@ -776,7 +776,7 @@ class Engine:
                 _describe(result, model, encoded, step.outputs)
                 next_logprobs = step.next_logprobs
             if model.task == "lm":
-                tokens = model.vocab.tokens
+                tokens = model.vocab.texts
                 result.next_tokens = [(i, tokens[i], lp)
                                       for i, lp in most_likely(next_logprobs, top_k)]
                 if with_next_logprobs:

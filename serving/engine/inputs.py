@@ -28,8 +28,9 @@ class Input:
 
 @dataclass
 class Encoded:
-    ids: np.ndarray  # int64 [n]
-    words: list[str]  # the input's own tokens (before mapping to <unk>)
+    ids: np.ndarray  # int64 [n]; a character-aware model's [n, 1 + L], ids then spellings
+    words: list[str]  # the input's own tokens (before mapping to <unk>); BPE: the text each
+    # piece adds ("" for one that only starts a character), which join to the text
     unknown: int  # words mapped to <unk>
 
 
@@ -47,7 +48,7 @@ def encode(item: Input | None, vocab: Vocabulary, max_tokens: int, allow_empty: 
     part = item.part or item.field
     if item.text is not None:
         _check_text_length(item, vocab, max_tokens)
-        words = vocab.normalization.tokenize(item.text)
+        words = vocab.tokenize(item.text)
         try:
             ids = np.array(vocab.encode_tokens(words), np.int64)
         except KeyError as error:  # a vocabulary without <unk>, such as some char models
@@ -71,6 +72,12 @@ def encode(item: Input | None, vocab: Vocabulary, max_tokens: int, allow_empty: 
         raise InvalidArgument(item.field, f"empty {kind}: nothing to read")
     if len(ids) > max_tokens:
         raise LimitExceeded("max_tokens_per_sequence", len(ids), max_tokens, item.field)
+    if vocab.bpe is not None:  # pieces are spelled in bytes: each shows the text it adds
+        words = vocab.pieces_of(ids.tolist())
+    if vocab.spelling is not None:  # a character-aware model reads [id, spelling] rows
+        width = 1 + vocab.spelling.max_word_length
+        ids = np.array(vocab.encode_spelled(words, ids.tolist()),
+                       np.int64).reshape(len(ids), width)
     return Encoded(ids, words, unknown)
 
 
@@ -78,9 +85,16 @@ def _check_text_length(item: Input, vocab: Vocabulary, max_tokens: int) -> None:
     """Refuses a text over the token limit before tokenizing it whole: a 4 MB text costs
     half a second to tokenize, on the event loop. A character model reads at least a token
     a character (lowercasing never shortens a text); a word model a token a word, counted
-    by a split that stops after max_tokens words."""
+    by a split that stops after max_tokens words; a BPE model a token per longest piece's
+    bytes, so what it tokenizes is at most max_tokens times that long."""
     text = item.text
-    if vocab.normalization.level == "char":
+    if vocab.bpe is not None:  # a piece is at most max_piece_bytes long
+        bound = max_tokens * vocab.bpe.max_piece_bytes
+        # lowercasing can shorten a text's bytes (the Kelvin sign: 3 to 1), never below a
+        # byte a character; without it the bytes are what is tokenized (UTF-8: <= 4 a char)
+        over = len(text) > bound if vocab.normalization.lowercase else (
+            len(text) * 4 > bound and len(text.encode()) > bound)
+    elif vocab.normalization.level == "char":
         over = len(text) > max_tokens
     else:
         over = len(text) > max_tokens and len(text.split(maxsplit=max_tokens)) > max_tokens

@@ -53,7 +53,7 @@ Sampler = tuple[SamplingParams, np.random.Generator]
 
 @dataclass(eq=False)
 class Step:
-    tokens: np.ndarray  # [T] int64
+    tokens: np.ndarray  # [T] int64; a character-aware encoder's [T, 1 + L] (ids, spellings)
     state: np.ndarray | None  # [L, S] float32; None for bidirectional encoders
     targets: np.ndarray | None  # [T] int64, language models only
     future: asyncio.Future
@@ -365,7 +365,7 @@ class Scheduler:
         began = time.perf_counter()
         sizes = [len(step.tokens) for step in batch]
         width = max(sizes)
-        tokens = np.zeros((len(batch), width), np.int64)
+        tokens = np.zeros((len(batch), width, *batch[0].tokens.shape[1:]), np.int64)
         lengths = np.array(sizes, np.int64)
         for row, step in enumerate(batch):
             tokens[row, : len(step.tokens)] = step.tokens

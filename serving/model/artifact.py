@@ -71,6 +71,29 @@ class Artifact:
         return self.metadata["layers"], self.metadata["state_size"]
 
 
+def _check_spelling(path: Path, metadata: dict, vocab: Vocabulary) -> None:
+    """A graph reads "chars" exactly when the vocabulary spells words, with the number of
+    character ids and the word length the graph was exported with."""
+    reads_chars = "chars" in metadata["inputs"]
+    if reads_chars != (vocab.spelling is not None):
+        raise ArtifactError(
+            f"{path / VOCAB_FILE}: " + ("the graph reads characters but the vocabulary has no "
+                                        "spelling" if reads_chars else
+                                        "the vocabulary spells words but the graph reads no "
+                                        "characters"))
+    if reads_chars:
+        expected = metadata.get("characters")
+        if not isinstance(expected, dict):
+            raise ArtifactError(f"{path / METADATA_FILE}: the graph reads characters but "
+                                "'characters' does not describe them")
+        got = {"characters": len(vocab.spelling),
+               "max_word_length": vocab.spelling.max_word_length}
+        for key, value in got.items():
+            if expected.get(key) != value:
+                raise ArtifactError(f"{path / VOCAB_FILE}: the spelling has {key} {value}, "
+                                    f"but metadata says {expected.get(key)}")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -165,6 +188,7 @@ def load_artifact(path: str | Path) -> Artifact:
     if len(vocab) != metadata["vocab_size"]:
         raise ArtifactError(f"{path / VOCAB_FILE}: {len(vocab)} tokens, but metadata says "
                             f"vocab_size {metadata['vocab_size']}")
+    _check_spelling(path, metadata, vocab)
     labels = None
     if metadata["task"] != "lm":
         data = _read_json(path / LABELS_FILE)

@@ -140,12 +140,14 @@ class ModelRuntime:
         if tokens.min() < 0 or tokens.max() >= vocab:
             raise ValueError(f"tokens must be ids in [0, {vocab})")
 
-    def _run(self, tokens, lengths, state, targets=None) -> list:
+    def _run(self, tokens, lengths, state, targets=None, chars=None) -> list:
         session = self.session
         if session is None:
             raise RuntimeError(f"{self.artifact.path}: the runtime was closed")
         binding = session.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, np.int64))
+        if chars is not None:
+            binding.bind_cpu_input("chars", np.ascontiguousarray(chars, np.int64))
         binding.bind_cpu_input("lengths", np.ascontiguousarray(lengths, np.int64))
         if self.incremental:
             if state is None:
@@ -198,9 +200,29 @@ class ModelRuntime:
         if state is not None and not self.incremental:
             raise ValueError("a bidirectional model reads whole texts and takes no state")
         tokens, lengths = np.asarray(tokens, np.int64), np.asarray(lengths, np.int64)
+        chars = None
+        if self.spelled:
+            tokens, chars = self._split_spelling(tokens)
         self._check(tokens, lengths)
-        outputs = self._run(tokens, lengths, state)
+        outputs = self._run(tokens, lengths, state, chars=chars)
         return outputs[0].numpy(), (outputs[1] if self.incremental else None)
+
+    @property
+    def spelled(self) -> bool:
+        """A character-aware encoder: its tokens are [B, T, 1 + L], each a word id and the
+        word's character ids (Vocabulary.encode_spelled), fed as "tokens" and "chars"."""
+        return "chars" in self.artifact.metadata["inputs"]
+
+    def _split_spelling(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        spelling = self.vocab.spelling
+        width = 1 + spelling.max_word_length
+        if tokens.ndim != 3 or tokens.shape[2] != width:
+            raise ValueError(f"a character-aware model's tokens are [batch, time, {width}] "
+                             f"(word id, then {width - 1} character ids), got {tokens.shape}")
+        chars = tokens[..., 1:]
+        if tokens.size and (chars.min() < 0 or chars.max() >= len(spelling)):
+            raise ValueError(f"character ids must be in [0, {len(spelling)})")
+        return np.ascontiguousarray(tokens[..., 0]), np.ascontiguousarray(chars)
 
     # -- conveniences over whole sequences -------------------------------------------------
     def score(self, sequences: list[list[int]]) -> list[np.ndarray]:

@@ -63,7 +63,12 @@ class PaddedBatch:
 def pad_batch(examples: Sequence[tuple[list[int], list[int] | int]], pad_id: int) -> PaddedBatch:
     lengths = torch.tensor([len(tokens) for tokens, _ in examples], dtype=torch.long)
     width = int(lengths.max())
-    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    first = examples[0][0][0]
+    if isinstance(first, list):  # character-aware: [word id, spelling...] per token
+        tokens = torch.zeros((len(examples), width, len(first)), dtype=torch.long)
+        tokens[..., 0] = pad_id  # and CHAR_PAD (0) for the spelling
+    else:
+        tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
     per_token = isinstance(examples[0][1], list)
     targets = (torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long) if per_token
                else torch.tensor([t for _, t in examples], dtype=torch.long))

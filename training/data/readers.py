@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from serving.model.tokenizer import EOS, Normalization
+from serving.model.tokenizer import EOS, Normalization, Vocabulary
 
 
 def data_root() -> Path:
@@ -44,11 +44,20 @@ def _open_text(path: Path, encoding: str = "utf-8") -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")  # as read_text's newlines
 
 
-def read_lines_lm(path: str | Path, norm: Normalization,
-                  encoding: str = "utf-8") -> list[list[str]]:
-    """One sentence per line; `<eos>` appended to each (Penn Treebank style)."""
-    return [norm.tokenize(line) + [EOS]
-            for line in _open_text(resolve(path), encoding).splitlines() if line.strip()]
+def read_lines_lm(path: str | Path, tokenizer: Normalization | Vocabulary,
+                  encoding: str = "utf-8", blank_lines: str = "skip") -> list[list[str]]:
+    """One sentence per line, tokenized by `tokenizer` (a Normalization, or a Vocabulary
+    whose BPE pieces tokenize); `<eos>` appended to each (Penn Treebank style). Blank
+    lines are skipped, or with blank_lines = "eos" read as an `<eos>` alone, which is how
+    the published WikiText figures count (245,569 test tokens for WikiText-2)."""
+    keep_blank = blank_lines == "eos"
+    return [tokenizer.tokenize(line) + [EOS] for line in read_text_lines(path, encoding)
+            if keep_blank or line.strip()]
+
+
+def read_text_lines(path: str | Path, encoding: str = "utf-8") -> list[str]:
+    """A text file's lines as they are (what a BPE tokenizer is trained on)."""
+    return _open_text(resolve(path), encoding).splitlines()
 
 
 def read_char_stream(path: str | Path, norm: Normalization, split: str | None = None,

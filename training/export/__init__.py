@@ -29,7 +29,7 @@ class ExportError(ValueError):
     pass
 
 
-def model_metadata(model, graph: onnx.ModelProto) -> dict:
+def model_metadata(model, graph: onnx.ModelProto, vocab: Vocabulary | None = None) -> dict:
     """What an artifact says about the network itself, read off the model and its graph."""
     stack = model.stack
     h0 = None
@@ -42,9 +42,24 @@ def model_metadata(model, graph: onnx.ModelProto) -> dict:
         "state_layout": "[layers, batch, state_size]; LSTM packs [h ; c], so state_size = 2H",
         "initial_state": h0,
         **({"output_layer": _output_layer(model)} if isinstance(model, RecurrentLM) else {}),
+        **({"characters": _characters(model.chars, vocab)}
+           if getattr(model, "chars", None) is not None else {}),
         "inputs": [i.name for i in graph.graph.input],
         "outputs": [o.name for o in graph.graph.output], "opset": OPSET,
     }
+
+
+def _characters(chars, vocab: Vocabulary | None) -> dict:
+    """A character-aware encoder's CNN, which reads the "chars" input (vocab.json's
+    spelling gives each word's ids: the artifact loader checks the two agree)."""
+    spelling = None if vocab is None else vocab.spelling
+    if spelling is None or chars.embedding.weight.shape[0] != len(spelling):
+        raise ExportError(f"the character CNN has {chars.embedding.weight.shape[0]} character "
+                          f"ids, the vocabulary's spelling "
+                          f"{'none' if spelling is None else len(spelling)}")
+    return {"embedding_size": chars.embedding.weight.shape[1], "filters": chars.filters,
+            "width": chars.conv.kernel_size[0], "characters": len(spelling),
+            "max_word_length": spelling.max_word_length}
 
 
 def _output_layer(model: RecurrentLM) -> dict:
@@ -68,7 +83,7 @@ def export_model(model, out: str | Path, vocab: Vocabulary, labels: LabelSet | N
     task = ("lm" if isinstance(model, RecurrentLM) else
             "tag" if isinstance(model, RecurrentTagger) else "classify")
     full = {
-        **model_metadata(model, graph), "task": task,
+        **model_metadata(model, graph, vocab), "task": task,
         "pooling": model.pooling if task == "classify" else None, "vocab_size": len(vocab),
         "num_labels": len(labels) if labels is not None else None,
         "special_tokens": {"eos": vocab.eos_id, "unk": vocab.unk_id, "pad": vocab.pad_id},

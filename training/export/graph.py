@@ -18,9 +18,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from serving.model.tokenizer import CHAR_PAD
 from training.export.adaptive_head import AdaptiveSoftmax
 from training.export.builder import Dims, GraphBuilder
 from training.export.lm_head import HEAD_OUTPUTS, FullSoftmax, lm_head, output_infos
+from training.models.characters import CharCNN
 from training.models.encoders import RecurrentClassifier, RecurrentTagger
 from training.models.language_model import RecurrentLM
 from training.models.recurrence import RecurrentLayer, RecurrentStack
@@ -200,6 +202,11 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
     tokens_tm = g.op("Transpose", ["tokens"], perm=[1, 0])
     dims = Dims(g, tokens_tm, "lengths")
     embedded = g.op("Gather", [g.const(model.embedding.weight), tokens_tm], axis=0)  # [T,B,D]
+    chars = getattr(model, "chars", None)
+    if chars is not None:
+        inputs.append(helper.make_tensor_value_info("chars", INT64,
+                                                    ["batch", "time", "word_length"]))
+        embedded = g.op("Concat", [embedded, _char_features(g, chars, dims)], axis=2)
     out, forward_finals, backward_finals = (stack_fn or _stack)(
         g, stack, embedded, dims, "state" if incremental else None)
     outputs = []
@@ -232,6 +239,28 @@ def build_graph(model: torch.nn.Module, name: str = "recur", stack_fn=None) -> o
                                    producer_name="recur")
     onnx_model.ir_version = 8
     return onnx_model
+
+
+def _char_features(g: GraphBuilder, chars: CharCNN, dims: Dims) -> str:
+    """CharCNN.forward on the "chars" input [B, T, L]: [T, B, filters], every word of the
+    batch in one Conv."""
+    i64 = np.int64
+    by_time = g.op("Transpose", ["chars"], perm=[1, 0, 2])  # [T, B, L]
+    flat = g.op("Flatten", [by_time], axis=2)  # [N = T * B, L]
+    x = g.op("Transpose", [g.op("Gather", [g.const(chars.embedding.weight), flat], axis=0)],
+             perm=[0, 2, 1])  # [N, E, L]
+    width = chars.conv.kernel_size[0]
+    features = g.op("Conv", [x, g.const(chars.conv.weight), g.const(chars.conv.bias)],
+                    kernel_shape=[width], pads=[width // 2, width // 2])  # [N, F, L]
+    present = g.op("Not", [g.op("Equal", [flat, g.const(CHAR_PAD, dtype=i64)])])  # [N, L]
+    present = g.op("Unsqueeze", [present, g.const([1], dtype=i64)])  # [N, 1, L]
+    best = g.op("ReduceMax", [g.op("Where", [present, features, g.const(-np.inf)])],
+                axes=[2], keepdims=0)  # [N, F]
+    any_char = g.op("ReduceMax", [g.op("Cast", [present], to=FLOAT)], axes=[2],
+                    keepdims=0)  # [N, 1]: 0 for a padding position
+    best = g.op("Where", [g.op("Greater", [any_char, g.const(0.0)]), best, g.const(0.0)])
+    shape = g.op("Concat", [dims.time_batch, g.const([chars.filters], dtype=i64)], axis=0)
+    return g.op("Reshape", [g.op("Tanh", [best]), shape])
 
 
 def _pool(g: GraphBuilder, model: RecurrentClassifier, out: str, forward_finals: list[str],

@@ -91,11 +91,16 @@ def _graph_outputs(runtime: ModelRuntime, tokens, lengths, state, targets,
 
 
 def verification_inputs(vocab: int, layers: int, state_size: int, with_state: bool,
-                        seed: int = 0, cases=CASES) -> Iterator[tuple]:
+                        seed: int = 0, cases=CASES,
+                        spelling: tuple[int, int] | None = None) -> Iterator[tuple]:
     """The random batches a graph is checked on, in order: per case (batch, steps) the
     tokens, lengths (the first row full), a state ([layers, batch, state_size], or None
     without one) and targets, all from one generator seeded `seed`, so every check of an
-    export (verify, and quantize.compare against float32) sees the same inputs."""
+    export (verify, and quantize.compare against float32) sees the same inputs.
+
+    `spelling` (characters, word length): a character-aware model's tokens [B, T, 1 + L],
+    random character ids after each word id, with random words cut short by padding and
+    some positions all padding."""
     generator = torch.Generator().manual_seed(seed)
     for batch, steps in cases:
         tokens = torch.randint(0, vocab, (batch, steps), generator=generator)
@@ -104,7 +109,20 @@ def verification_inputs(vocab: int, layers: int, state_size: int, with_state: bo
         state = (0.5 * torch.randn(layers, batch, state_size, generator=generator)
                  if with_state else None)
         targets = torch.randint(0, vocab, (batch, steps), generator=generator)
+        if spelling is not None:
+            characters, width = spelling
+            chars = torch.randint(1, characters, (batch, steps, width), generator=generator)
+            ends = torch.randint(0, width + 1, (batch, steps, 1), generator=generator)
+            chars[torch.arange(width)[None, None, :] >= ends] = 0  # 0: CHAR_PAD
+            tokens = torch.cat([tokens[..., None], chars], dim=2)
         yield tokens, lengths, state, targets
+
+
+def spelling_of(model: torch.nn.Module, runtime: ModelRuntime) -> tuple[int, int] | None:
+    """(characters, word length) of a character-aware model, None for the others."""
+    if getattr(model, "chars", None) is None:
+        return None
+    return len(runtime.vocab.spelling), runtime.vocab.spelling.max_word_length
 
 
 @torch.inference_mode()
@@ -120,7 +138,7 @@ def verify(model: torch.nn.Module, runtime: ModelRuntime, seed: int = 0, cases=C
     graph_vs_torch: dict[str, float] = {}
     for tokens, lengths, state, targets in verification_inputs(
             model.embedding.weight.shape[0], model.stack.num_layers, model.stack.state_size,
-            runtime.incremental, seed, cases):
+            runtime.incremental, seed, cases, spelling_of(model, runtime)):
         valid = _valid_mask(lengths, tokens.shape[1])
         masks = {name: valid for name in ("token_logprobs", "greedy_tokens",
                                           "greedy_logprobs", "tag_logprobs")}

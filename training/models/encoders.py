@@ -6,22 +6,42 @@ text classified, incrementally.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from training.models.recurrence import RecurrentStack, make_dropout
+from training.models.characters import CharCNN
+from training.models.recurrence import RecurrentStack, embed_dropping_words, make_dropout
 
 POOLINGS = ("final", "mean", "max")
+
+
+@dataclass(frozen=True)
+class CharOptions:
+    """A character CNN beside the word embedding: `characters` ids (the Spelling's size),
+    each embedded in `embedding_size`, `filters` features of `width` characters."""
+
+    characters: int
+    embedding_size: int = 16
+    filters: int = 50
+    width: int = 3
 
 
 class _Encoder(nn.Module):
     def __init__(self, vocab_size: int, pad_id: int, cell: str, embedding_size: int,
                  hidden_size: int, num_layers: int, dropout: float, dropout_input: float,
-                 dropout_output: float, variational: bool, bidirectional: bool, learn_h0: bool):
+                 dropout_output: float, variational: bool, bidirectional: bool, learn_h0: bool,
+                 weight_drop: float = 0.0, dropout_embedding: float = 0.0,
+                 chars: CharOptions | None = None):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
-        self.stack = RecurrentStack(cell, embedding_size, hidden_size, num_layers, dropout,
-                                    variational, bidirectional, learn_h0)
+        self.chars = (None if chars is None else
+                      CharCNN(chars.characters, chars.embedding_size, chars.filters, chars.width))
+        width = embedding_size + (0 if chars is None else chars.filters)
+        self.stack = RecurrentStack(cell, width, hidden_size, num_layers, dropout,
+                                    variational, bidirectional, learn_h0, weight_drop)
+        self.dropout_embedding = dropout_embedding
         self.dropout_input = make_dropout(dropout_input, variational)
         self.dropout_output = make_dropout(dropout_output, variational)
 
@@ -29,7 +49,13 @@ class _Encoder(nn.Module):
         return self.stack.initial_state(batch_size)
 
     def encode(self, tokens, lengths, state):
-        out, final = self.stack(self.dropout_input(self.embedding(tokens)), state, lengths)
+        """tokens [B, T] word ids, or for a character-aware model [B, T, 1 + L]: each
+        token's word id, then its spelling (Vocabulary.encode_spelled)."""
+        words = tokens if self.chars is None else tokens[..., 0]
+        vectors = embed_dropping_words(self.embedding, words, self.dropout_embedding)
+        if self.chars is not None:
+            vectors = torch.cat([vectors, self.chars(tokens[..., 1:])], dim=-1)
+        out, final = self.stack(self.dropout_input(vectors), state, lengths)
         return self.dropout_output(out), final
 
 
@@ -37,10 +63,12 @@ class RecurrentTagger(_Encoder):
     def __init__(self, vocab_size: int, num_tags: int, pad_id: int, cell: str,
                  embedding_size: int, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, dropout_input: float = 0.0, dropout_output: float = 0.0,
-                 variational: bool = False, bidirectional: bool = True, learn_h0: bool = False):
+                 variational: bool = False, bidirectional: bool = True, learn_h0: bool = False,
+                 weight_drop: float = 0.0, dropout_embedding: float = 0.0,
+                 chars: CharOptions | None = None):
         super().__init__(vocab_size, pad_id, cell, embedding_size, hidden_size, num_layers,
                          dropout, dropout_input, dropout_output, variational, bidirectional,
-                         learn_h0)
+                         learn_h0, weight_drop, dropout_embedding, chars)
         self.output = nn.Linear(self.stack.output_size, num_tags)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None,
@@ -55,12 +83,13 @@ class RecurrentClassifier(_Encoder):
                  embedding_size: int, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, dropout_input: float = 0.0, dropout_output: float = 0.0,
                  variational: bool = False, bidirectional: bool = True, pooling: str = "final",
-                 learn_h0: bool = False):
+                 learn_h0: bool = False, weight_drop: float = 0.0, dropout_embedding: float = 0.0,
+                 chars: CharOptions | None = None):
         if pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         super().__init__(vocab_size, pad_id, cell, embedding_size, hidden_size, num_layers,
                          dropout, dropout_input, dropout_output, variational, bidirectional,
-                         learn_h0)
+                         learn_h0, weight_drop, dropout_embedding, chars)
         self.pooling = pooling
         self.output = nn.Linear(self.stack.output_size, num_classes)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.recurrence import RecurrentStack, make_dropout
+from training.models.recurrence import RecurrentStack, embed_dropping_words, make_dropout
 
 
 class RecurrentLM(nn.Module):
@@ -20,7 +20,8 @@ class RecurrentLM(nn.Module):
                  num_layers: int = 1, dropout: float = 0.0, dropout_input: float = 0.0,
                  dropout_output: float = 0.0, variational: bool = False, tie_weights: bool = False,
                  learn_h0: bool = False, adaptive_cutoffs: Sequence[int] = (),
-                 adaptive_div_value: float = 4.0):
+                 adaptive_div_value: float = 4.0, weight_drop: float = 0.0,
+                 dropout_embedding: float = 0.0):
         super().__init__()
         if tie_weights and embedding_size != hidden_size:
             raise ValueError(f"model.tie_weights needs model.embedding_size == model.hidden_size "
@@ -41,7 +42,9 @@ class RecurrentLM(nn.Module):
                              f" use fewer cutoffs or a smaller div_value")
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.stack = RecurrentStack(cell, embedding_size, hidden_size, num_layers, dropout,
-                                    variational, bidirectional=False, learn_h0=learn_h0)
+                                    variational, bidirectional=False, learn_h0=learn_h0,
+                                    weight_drop=weight_drop)
+        self.dropout_embedding = dropout_embedding
         self.dropout_input = make_dropout(dropout_input, variational)
         self.dropout_output = make_dropout(dropout_output, variational)
         self.output: nn.Linear | nn.AdaptiveLogSoftmaxWithLoss
@@ -74,21 +77,36 @@ class RecurrentLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                reduction: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+                reduction: str = "none", activation_reg: float = 0.0,
+                temporal_activation_reg: float = 0.0):
         """tokens [B,T] -> scores [B,T,V] whose softmax is the next-token distribution
         (logits; the adaptive softmax's exact log-probs), state [L,B,S]. With `targets`
         [B,T], instead of the scores the negative log-likelihood of the targets, [B,T] or
         its "mean" or "sum" (`reduction`): the adaptive softmax then computes each
         position's head and its target's cluster alone, which is what makes it fast to
-        train. Through forward, so that DistributedDataParallel sees the loss's graph."""
-        x = self.dropout_input(self.embedding(tokens))
-        out, state = self.stack(x, state, lengths)
-        out = self.dropout_output(out)
+        train. Through forward, so that DistributedDataParallel sees the loss's graph.
+
+        With `activation_reg` or `temporal_activation_reg` (AWD-LSTM's alpha and beta) and
+        targets, a third value: the penalty alpha * mean(o^2) on the last layer's dropped
+        outputs o plus beta * mean((h_t - h_{t-1})^2) on its undropped ones h, which the
+        trainer adds to the loss (and leaves out of the perplexity it logs)."""
+        x = self.dropout_input(embed_dropping_words(self.embedding, tokens,
+                                                    self.dropout_embedding))
+        raw, state = self.stack(x, state, lengths)
+        out = self.dropout_output(raw)
         if targets is not None:
             if self.adaptive:
                 picked = self.output(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
-                return _reduce(-picked.output.view(targets.shape), reduction), state
-            return target_nll(self.output(out), targets, reduction), state
+                nll = _reduce(-picked.output.view(targets.shape), reduction)
+            else:
+                nll = target_nll(self.output(out), targets, reduction)
+            if not (activation_reg or temporal_activation_reg):
+                return nll, state
+            penalty = activation_reg * out.pow(2).mean()
+            if raw.shape[1] > 1:
+                penalty = penalty + temporal_activation_reg * (
+                    raw[:, 1:] - raw[:, :-1]).pow(2).mean()
+            return nll, state, penalty
         if self.adaptive:
             flat = self.output.log_prob(out.reshape(-1, out.shape[-1]))
             return flat.view(*out.shape[:-1], -1), state

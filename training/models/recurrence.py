@@ -18,6 +18,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -30,8 +31,12 @@ class RecurrentLayer(nn.Module):
     LSTM: gates in PyTorch's order (i, f, g, o). GRU: PyTorch's formulation, where the
     reset gate multiplies (W_hn h + b_hn)."""
 
-    def __init__(self, cell: str, input_size: int, hidden_size: int, learn_h0: bool = False):
+    def __init__(self, cell: str, input_size: int, hidden_size: int, learn_h0: bool = False,
+                 weight_drop: float = 0.0):
         super().__init__()
+        if not 0.0 <= weight_drop < 1.0:
+            raise ValueError(f"model.weight_drop must be in [0, 1), got {weight_drop}")
+        self.weight_drop = weight_drop
         if cell not in CELLS:
             raise ValueError(f"model.cell must be one of {', '.join(CELLS)}, got {cell!r}")
         self.cell, self.input_size, self.hidden_size = cell, input_size, hidden_size
@@ -60,31 +65,41 @@ class RecurrentLayer(nn.Module):
 
     fused = True  # use torch's fused kernels; False runs forward_loop
 
+    def recurrent_weight(self) -> torch.Tensor:
+        """W, or in training with `weight_drop` W under DropConnect (AWD-LSTM): one mask
+        drawn per call, so every time step of a forward pass shares it, and the fused
+        kernel still runs (it takes the dropped matrix as its weight)."""
+        if self.training and self.weight_drop > 0.0:
+            return F.dropout(self.weight_hh, self.weight_drop, training=True)
+        return self.weight_hh
+
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B,T,D] -> outputs [B,T,H] (padded positions unspecified), final state [B,S]."""
         if state is None:
             state = self.initial_state(x.shape[0])
+        weight_hh = self.recurrent_weight()
         if not self.fused or (lengths is not None and bool((lengths <= 0).any())):
-            return self.forward_loop(x, state, lengths)
+            return self.forward_loop(x, state, lengths, weight_hh)
         if lengths is None or bool((lengths == x.shape[1]).all()):
-            return self._fused(x, None, state)
+            return self._fused(x, None, state, weight_hh)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         data, final = self._fused(packed.data, packed.batch_sizes,
-                                  state.index_select(0, packed.sorted_indices))
+                                  state.index_select(0, packed.sorted_indices), weight_hh)
         out, _ = pad_packed_sequence(
             PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
                            packed.unsorted_indices), batch_first=True, total_length=x.shape[1])
         return out, final.index_select(0, packed.unsorted_indices)
 
-    def _fused(self, x: torch.Tensor, batch_sizes: torch.Tensor | None, state: torch.Tensor):
+    def _fused(self, x: torch.Tensor, batch_sizes: torch.Tensor | None, state: torch.Tensor,
+               weight_hh: torch.Tensor):
         """One call of ATen's rnn_tanh / rnn_relu / lstm / gru. Our single bias goes in as
         PyTorch's input bias, its recurrent bias is zero (GRU: only b_hn is recurrent)."""
         zeros = torch.zeros_like(self.bias)
         recurrent_bias = zeros
         if self.cell == "gru":
             recurrent_bias = torch.cat([zeros[: 2 * self.hidden_size], self.bias_hn])
-        weights = [self.weight_ih, self.weight_hh, self.bias, recurrent_bias]
+        weights = [self.weight_ih, weight_hh, self.bias, recurrent_bias]
         flags = (True, 1, 0.0, self.training, False)  # biases, layers, dropout, train, bidir
         args = (x,) if batch_sizes is None else (x, batch_sizes)
         tail = flags + ((True,) if batch_sizes is None else ())  # batch_first
@@ -106,8 +121,12 @@ class RecurrentLayer(nn.Module):
         return out, h_n[0]
 
     def forward_loop(self, x: torch.Tensor, state: torch.Tensor,
-                     lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The definition: input projection for all steps at once, then the recurrence."""
+                     lengths: torch.Tensor | None = None,
+                     weight_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The definition: input projection for all steps at once, then the recurrence
+        (with `weight_hh`, a recurrent matrix other than the layer's own: its
+        DropConnect-masked copy)."""
+        w = self.weight_hh if weight_hh is None else weight_hh
         batch, steps, _ = x.shape
         projected = torch.addmm(self.bias, x.reshape(-1, self.input_size), self.weight_ih.t())
         projected = projected.view(batch, steps, -1)
@@ -117,28 +136,28 @@ class RecurrentLayer(nn.Module):
         step = getattr(self, f"_step_{'elman' if self.cell.startswith('elman') else self.cell}")
         outputs = []
         for t in range(steps):
-            new_state, h = step(projected[:, t], state)
+            new_state, h = step(projected[:, t], state, w)
             if mask is not None:
                 new_state = torch.where(mask[:, t], new_state, state)
             state = new_state
             outputs.append(h)
         return torch.stack(outputs, dim=1), state
 
-    def _step_elman(self, projected: torch.Tensor, h: torch.Tensor):
-        pre = torch.addmm(projected, h, self.weight_hh.t())
+    def _step_elman(self, projected: torch.Tensor, h: torch.Tensor, w: torch.Tensor):
+        pre = torch.addmm(projected, h, w.t())
         h = torch.tanh(pre) if self.cell == "elman_tanh" else torch.relu(pre)
         return h, h
 
-    def _step_lstm(self, projected: torch.Tensor, state: torch.Tensor):
+    def _step_lstm(self, projected: torch.Tensor, state: torch.Tensor, w: torch.Tensor):
         h, c = state.chunk(2, dim=1)
-        i, f, g, o = torch.addmm(projected, h, self.weight_hh.t()).chunk(4, dim=1)
+        i, f, g, o = torch.addmm(projected, h, w.t()).chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return torch.cat([h, c], dim=1), h
 
-    def _step_gru(self, projected: torch.Tensor, h: torch.Tensor):
+    def _step_gru(self, projected: torch.Tensor, h: torch.Tensor, w: torch.Tensor):
         x_r, x_z, x_n = projected.chunk(3, dim=1)
-        h_r, h_z, h_n = torch.mm(h, self.weight_hh.t()).chunk(3, dim=1)
+        h_r, h_z, h_n = torch.mm(h, w.t()).chunk(3, dim=1)
         r = torch.sigmoid(x_r + h_r)
         z = torch.sigmoid(x_z + h_z)
         n = torch.tanh(x_n + r * (h_n + self.bias_hn))
@@ -171,6 +190,19 @@ class LockedDropout(nn.Module):
         return x * mask
 
 
+def embed_dropping_words(embedding: nn.Embedding, tokens: torch.Tensor, p: float) -> torch.Tensor:
+    """Embedding dropout (Gal and Ghahramani 2016, as AWD-LSTM uses it): in training, whole
+    words are dropped from the vocabulary for one forward pass, so every occurrence of a
+    dropped word reads zeros and the kept ones are scaled by 1 / (1 - p). The mask is
+    indexed per token rather than applied to the [V, E] matrix: the same function and
+    gradient, without touching the rows no token reads."""
+    vectors = embedding(tokens)
+    if not embedding.training or p == 0.0:
+        return vectors
+    keep = vectors.new_empty(embedding.num_embeddings).bernoulli_(1 - p) / (1 - p)
+    return vectors * keep[tokens].unsqueeze(-1)
+
+
 def make_dropout(p: float, variational: bool) -> nn.Module:
     return LockedDropout(p) if variational else nn.Dropout(p)
 
@@ -184,7 +216,7 @@ class RecurrentStack(nn.Module):
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, variational: bool = False, bidirectional: bool = False,
-                 learn_h0: bool = False):
+                 learn_h0: bool = False, weight_drop: float = 0.0):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"model.layers must be >= 1, got {num_layers}")
@@ -193,11 +225,11 @@ class RecurrentStack(nn.Module):
         directions = 2 if bidirectional else 1
         sizes = [input_size] + [hidden_size * directions] * (num_layers - 1)
         self.forward_layers = nn.ModuleList(
-            RecurrentLayer(cell, d, hidden_size, learn_h0) for d in sizes)
+            RecurrentLayer(cell, d, hidden_size, learn_h0, weight_drop) for d in sizes)
         self.backward_layers = None
         if bidirectional:
             self.backward_layers = nn.ModuleList(
-                RecurrentLayer(cell, d, hidden_size, learn_h0) for d in sizes)
+                RecurrentLayer(cell, d, hidden_size, learn_h0, weight_drop) for d in sizes)
         self.between = make_dropout(dropout, variational)
 
     @property

@@ -30,7 +30,12 @@ def json_text_bytes(text: str) -> int:
 def longest_token_bytes(model: LoadedModel) -> int:
     """The JSON size of the model's longest token, what an answer's size is bounded by."""
     if (longest := _LONGEST.get(model)) is None:
-        longest = _LONGEST[model] = max(map(json_text_bytes, model.vocab.tokens))
+        vocab = model.vocab
+        longest = max(map(json_text_bytes, vocab.texts))
+        if vocab.bpe is not None:  # a streamed piece also ends the character before it
+            # (up to 3 more bytes); escaped, a character is at most 6 bytes of JSON
+            longest = max(longest, 6 * (vocab.bpe.max_piece_bytes + 3) + 2)
+        _LONGEST[model] = longest
     return longest
 
 
@@ -59,8 +64,10 @@ class Piece:
         compares the likeliest key with the token sees them equal)."""
         self.tokens.append(token)
         self.token_logprobs.append(json_number(logprob))
-        alternatives = {token if i == token_id else spell(i, text, prefix, eos_id):
-                        json_number(lp) for i, text, lp in top}
+        alternatives: dict[str, float | None] = {}
+        for i, text, lp in top:  # most likely first: a key two tokens spell keeps the first
+            alternatives.setdefault(token if i == token_id else spell(i, text, prefix, eos_id),
+                                    json_number(lp))
         alternatives.setdefault(token, json_number(logprob))
         self.top_logprobs.append(alternatives)
         self.text_offset.append(offset)
