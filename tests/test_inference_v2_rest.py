@@ -389,12 +389,24 @@ def text_body(**changes) -> dict:
      "parameters.binary_data_output: must be a bool"),
     ("/v2/models/demo-lm/infer", text_body(parameters={"shared_memory_region": "r"}), 400,
      "inputs[0].parameters.shared_memory_region: not supported"),
+    # json.dumps writes these as \\ud800 escapes: half a surrogate pair is not text
+    ("/v2/models/demo-lm/infer", text_body(data=["the \ud800 dog"]), 400,
+     "request body: a string holds a lone UTF-16 surrogate (\\ud800)"),
+    ("/v2/models/demo-lm/infer", dict(text_body(), parameters={"sequence_id": "\udfff"}), 400,
+     "request body: a string holds a lone UTF-16 surrogate (\\udfff)"),
     ("/v2/repository/models/demo-lm/load", {"parameters": {"config": "{}"}}, 400,
      "parameters.config: Recur loads models from its repository folder only"),
 ])
 def test_bad_requests_are_named_in_v2s_error_shape(server, path, body, status, message):
     got_status, got = error_of(server, "POST", path, body)
     assert (got_status, message in got) == (status, True), got
+
+
+def test_a_surrogate_pair_escape_is_text(server):
+    """The escaped pair of an emoji (as json.dumps writes it) is one character."""
+    status, _, answer = send(server, "POST", "/v2/models/demo-lm/infer",
+                             text_body(data=["the dog \U0001F600"]))
+    assert status == 200, answer
 
 
 def test_binary_data_is_checked_against_the_sizes_declared(server):

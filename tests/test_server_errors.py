@@ -6,11 +6,14 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from serving_helpers import RunningServer
 
+from serving.api.recur_v1.convert import response_bytes
+from serving.engine.inputs import Encoded
 from serving.engine.sessions import SESSION_OVERHEAD_BYTES
 from serving.proto_gen.recur.v1 import recur_pb2 as pb
 
@@ -133,6 +136,17 @@ def test_an_oversized_message_is_refused_by_size(server):
                  pb.ScoreRequest(model=lm(), inputs=[pb.Input(text="x" * 100_000)]))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in error.details()
+
+
+def test_the_response_bound_counts_utf8_bytes_not_characters(server):
+    """The bound a request is refused by (max_message_bytes, before it runs) must hold for
+    the response actually sent: a CJK word is 3 bytes a character on the wire."""
+    words = ["漢字" * 6] * 40
+    response = server.client.language_model.Score(
+        pb.ScoreRequest(model=lm(), inputs=[pb.Input(text=" ".join(words))]), timeout=30)
+    assert [t.text for t in response.scores[0].tokens][:40] == words
+    encoded = [Encoded(np.zeros(len(words), np.int64), words, len(words))]
+    assert response.ByteSize() <= response_bytes(encoded, extra_tokens=1)
 
 
 def test_lost_sessions_say_whether_they_expired_were_evicted_or_never_existed(model_repository):

@@ -121,3 +121,28 @@ def test_a_bpe_language_model_is_refused(synth_dir, tmp_path):
     task = make_task(demo_config("demo-pos", synth_dir, "model.embedding_size=64"))
     with pytest.raises(ConfigError, match="bpe-level language model"):
         transfer_from_lm(task.build_model(), task.vocab, lm_run)
+
+
+def test_the_lm_words_join_the_vocabulary_when_asked(synth_dir, demo_lm_run):
+    """min_count keeps only frequent training words; with init_vocabulary the LM's other
+    words come back with its vectors, where they would have been <unk>."""
+    _, lm_task, lm = load_run(demo_lm_run, device="cpu")
+    lm_words = [w for w in lm_task.vocab.tokens if w not in ("<unk>", "<eos>")]
+    plain = make_task(_pos(synth_dir, demo_lm_run, "data.min_count=200"))
+    rare = [w for w in lm_words if w not in plain.vocab.index]
+    assert rare  # words the tagger alone would read as <unk>
+    widened = make_task(_pos(synth_dir, demo_lm_run, "data.min_count=200",
+                             "model.init_vocabulary=true"))
+    assert widened.vocab.tokens[:len(plain.vocab)] == plain.vocab.tokens  # ids kept
+    assert set(widened.vocab.tokens) == set(plain.vocab.tokens) | set(lm_words)
+    tagger = widened.build_model()
+    transfer_from_lm(tagger, widened.vocab, demo_lm_run)
+    for word in rare:
+        assert torch.equal(tagger.embedding.weight[widened.vocab.index[word]],
+                           lm.embedding.weight[lm_task.vocab.index[word]])
+    # the training data now reads those words as themselves, not as <unk>
+    unk = widened.vocab.unk_id
+    assert sum(i == unk for ids, _ in widened.encoded("train") for i in ids) < sum(
+        i == unk for ids, _ in plain.encoded("train") for i in ids)
+    with pytest.raises(ConfigError, match="model.init_vocabulary"):
+        demo_config("demo-pos", synth_dir, "model.init_vocabulary=true")

@@ -78,6 +78,9 @@ class ModelConfig:
     # taggers and classifiers: a language model's run directory to start from (its
     # embedding, mapped word by word, and the recurrent layers whose shapes agree)
     init_from: str = ""
+    # with init_from: the vocabulary also takes the LM's words, so that a word rare or
+    # absent in the task's training data reads as the LM's vector instead of <unk>
+    init_vocabulary: bool = False
     bidirectional: bool = False
     pooling: str = "final"
     window: int = 5  # ffnn context size
@@ -320,6 +323,8 @@ def validate(config: Config) -> None:
          "applies to taggers and classifiers"),
         (not m.init_from or d.task != "lm", "model.init_from",
          "applies to taggers and classifiers (a language model run to start them from)"),
+        (not m.init_vocabulary or m.init_from, "model.init_vocabulary",
+         "takes the words of model.init_from's language model: set that too"),
         (t.class_weighting in CLASS_WEIGHTINGS, "train.class_weighting",
          f"must be one of {', '.join(CLASS_WEIGHTINGS)}"),
         (t.class_weighting == "none" or d.task != "lm", "train.class_weighting",

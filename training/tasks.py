@@ -25,7 +25,7 @@ from serving.model.tokenizer import (
     Vocabulary,
 )
 from training import metrics
-from training.config import Config, ConfigError
+from training.config import Config, ConfigError, load_config
 from training.data import batching, readers
 from training.distributed import World, own_slice
 from training.models.encoders import CharOptions, RecurrentClassifier, RecurrentTagger
@@ -201,6 +201,8 @@ class _PaddedTask:
                                      d.max_size or None)
             if config.model.char_embedding_size:  # every training word's characters
                 vocab.spelling = Spelling.build(counts, d.max_word_length)
+            if config.model.init_vocabulary:
+                vocab = with_lm_words(vocab, config.model.init_from)
         self.vocab = vocab
         self.labels = labels or LabelSet.build(self._all_labels(self.examples["train"]))
         self._encoded: dict[str, list] = {}
@@ -398,3 +400,32 @@ def make_task(config: Config, run_dir: Path | None = None):
     if config.data.task == "tag":
         return TaggingTask(config, vocab, labels)
     return ClassificationTask(config, vocab, labels)
+
+
+def language_model_config(lm_dir: Path) -> Config:
+    """The config of the word-level recurrent LM run at `lm_dir`; refused, naming
+    model.init_from, when it is not one."""
+    if not (lm_dir / "config.toml").exists():
+        raise ConfigError(f"model.init_from: {lm_dir} is not a run directory (no config.toml)")
+    lm_config = load_config(lm_dir / "config.toml")
+    if lm_config.data.task != "lm" or lm_config.model.type != "rnn":
+        raise ConfigError(f"model.init_from: {lm_dir} is not a recurrent language model run "
+                          f"(data.task '{lm_config.data.task}', model.type "
+                          f"'{lm_config.model.type}')")
+    if lm_config.data.level != "word":
+        raise ConfigError(f"model.init_from: {lm_dir} is a {lm_config.data.level}-level "
+                          "language model, whose tokens are not this model's words; start "
+                          "from a word-level one")
+    return lm_config
+
+
+def with_lm_words(vocab: Vocabulary, lm_dir: str | Path) -> Vocabulary:
+    """`vocab` followed by the LM's words it lacks (model.init_vocabulary), those that its
+    own normalisation leaves as they are; the LM's special tokens are not words."""
+    lm_dir = Path(lm_dir)
+    language_model_config(lm_dir)
+    lm_vocab = Vocabulary.load(lm_dir / "vocab.json")
+    specials = {UNK, EOS}
+    extra = [w for w in lm_vocab.tokens if w not in vocab.index and w not in specials
+             and vocab.normalization.tokenize(w) == [w]]
+    return Vocabulary(vocab.tokens + extra, vocab.normalization, vocab.spelling)

@@ -4,7 +4,9 @@ discriminative learning rates (each layer group down from the top a factor slowe
 optionally gradual unfreezing (the top group first, one more group every few epochs).
 
 The vocabularies are mapped word by word: a word the LM knows gets its vector (looked up
-as the LM's own normalisation spells it), the others keep their fresh initialisation.
+as the LM's own normalisation spells it), the others keep their fresh initialisation
+(model.init_vocabulary first adds the LM's words to the task's vocabulary:
+tasks.with_lm_words).
 Recurrent layers are copied as far as their shapes agree: the forward direction of a
 bidirectional encoder reads like the LM, the backward one has no counterpart and starts
 fresh, and from the second layer on a bidirectional encoder's inputs are twice as wide.
@@ -19,28 +21,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from serving.model.tokenizer import Vocabulary
 from training import checkpoint
-from training.config import Config, ConfigError, load_config
+from training.config import Config, ConfigError
+from training.tasks import language_model_config, make_task
 
 
-def transfer_from_lm(model: nn.Module, vocab, lm_dir: str | Path) -> dict:
+def transfer_from_lm(model: nn.Module, vocab: Vocabulary, lm_dir: str | Path) -> dict:
     """Copies what fits from the LM run at `lm_dir` into `model` (a RecurrentTagger or
     RecurrentClassifier); -> what was copied, for the run's summary."""
-    from training.tasks import make_task  # tasks imports this module's callers
-
     lm_dir = Path(lm_dir)
-    if not (lm_dir / "config.toml").exists():
-        raise ConfigError(f"model.init_from: {lm_dir} is not a run directory (no config.toml)")
-    lm_config = load_config(lm_dir / "config.toml")
-    if lm_config.data.task != "lm" or lm_config.model.type != "rnn":
-        raise ConfigError(f"model.init_from: {lm_dir} is not a recurrent language model run "
-                          f"(data.task '{lm_config.data.task}', model.type "
-                          f"'{lm_config.model.type}')")
-    if lm_config.data.level != "word":
-        raise ConfigError(f"model.init_from: {lm_dir} is a {lm_config.data.level}-level "
-                          "language model, whose tokens are not this model's words; start "
-                          "from a word-level one")
-    lm_task = make_task(lm_config, lm_dir)
+    lm_task = make_task(language_model_config(lm_dir), lm_dir)
     lm = lm_task.build_model()
     lm.load_state_dict(checkpoint.load(lm_dir / checkpoint.BEST, "cpu")["model"])
     ours, theirs = model.embedding.weight, lm.embedding.weight

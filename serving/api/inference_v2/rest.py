@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -180,13 +181,26 @@ async def _parse(data: bytes) -> Any:
     return _loads(data)
 
 
+# a \uD800-\uDFFF escape: half of a UTF-16 surrogate pair, which json.loads passes into
+# a str that no UTF-8 encoder takes when it is alone
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _loads(data: bytes) -> Any:
     try:
-        return json.loads(data)
+        document = json.loads(data)
     except RecursionError:
         raise InvalidArgument("request body", "JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidArgument("request body", f"not JSON ({error})") from None
+    if _SURROGATE_ESCAPE.search(data):  # rare: pairs are fine, a lone half is not text
+        try:
+            json.dumps(document, ensure_ascii=False).encode()
+        except UnicodeEncodeError as error:
+            raise InvalidArgument("request body", "a string holds a lone UTF-16 surrogate "
+                                  f"(\\u{ord(error.object[error.start]):04x}), which "
+                                  "is not Unicode text") from None
+    return document
 
 
 async def _json_body(request: Request, limit: int, allow_empty: bool = False) -> dict:

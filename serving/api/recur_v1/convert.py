@@ -199,12 +199,12 @@ def response_bytes(encoded: Sequence[Encoded], extra_tokens: int = 0,
                    token_text_bytes: int = 0) -> int:
     """The most bytes a response listing each input's tokens (plus `extra_tokens` each,
     such as a scored `<eos>`, and `token_text_bytes` more text a token, such as a tag)
-    can take. Text is counted in characters: a non-ASCII word may be up to 4x longer."""
+    can take. Text is counted in UTF-8 bytes, as protobuf sends it."""
     total = 0
     for e in encoded:
         tokens = len(e.ids) + extra_tokens
         total += (SEQUENCE_OVERHEAD + tokens * (TOKEN_OVERHEAD + token_text_bytes)
-                  + sum(map(len, e.words)) + extra_tokens * 8)
+                  + sum(len(w.encode()) for w in e.words) + extra_tokens * 8)
     return total
 
 

@@ -23,7 +23,7 @@ class TaggerService(pb_grpc.TaggerServicer):
     @rpc("Tagger")
     async def Tag(self, request: pb.TagRequest, context) -> pb.TagResponse:
         model = self.engine.model(request.model.name, request.model.version, "tag")
-        longest_tag = max(map(len, model.labels), default=0)
+        longest_tag = max((len(t.encode()) for t in model.labels), default=0)
         results = await self.engine.tag(
             model, to_inputs(request.inputs, "inputs"),
             check=response_limit(self.max_message_bytes, "inputs", 0, longest_tag + 2))
