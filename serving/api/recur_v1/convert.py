@@ -204,7 +204,7 @@ def response_bytes(encoded: Sequence[Encoded], extra_tokens: int = 0,
     for e in encoded:
         tokens = len(e.ids) + extra_tokens
         total += (SEQUENCE_OVERHEAD + tokens * (TOKEN_OVERHEAD + token_text_bytes)
-                  + sum(len(w.encode()) for w in e.words) + extra_tokens * 8)
+                  + len("".join(e.words).encode()) + extra_tokens * 8)
     return total
 
 
