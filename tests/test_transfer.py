@@ -111,6 +111,21 @@ def test_a_char_aware_tagger_gets_the_lm_layer_in_its_word_columns(synth_dir, de
     assert torch.equal(mine.weight_hh, source.weight_hh)
 
 
+def test_a_fresh_character_cnn_trains_at_the_top_rate_from_the_first_epoch(synth_dir,
+                                                                          demo_lm_run):
+    config = _pos(synth_dir, demo_lm_run, "model.char_embedding_size=8",
+                  "model.char_filters=10", "optimizer.layer_lr_decay=2.6")
+    model = make_task(config).build_model()
+    chars = {id(p) for p in model.chars.parameters()}
+    rates = {id(p): group["lr"] for group in build_optimizer(config, model).param_groups
+             for p in group["params"]}
+    assert chars and all(rates[p] == pytest.approx(0.01) for p in chars)
+    assert rates[id(model.embedding.weight)] == pytest.approx(0.01 / 2.6 ** 2)
+    assert unfreeze_for_epoch(model, 2, 0) == 1
+    assert all(p.requires_grad for p in model.chars.parameters())
+    assert not model.embedding.weight.requires_grad
+
+
 def test_a_bpe_language_model_is_refused(synth_dir, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("\n".join((synth_dir / "lm" / "train.txt").read_text().splitlines()[:300]))

@@ -80,17 +80,19 @@ def _copy_layer(mine: nn.Module, source: nn.Module, widened: bool) -> bool:
 
 
 def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
-    """ULMFiT's layer groups, bottom first: the embedding (with the character CNN, if
-    any), each recurrent layer (both directions), the output layer."""
-    groups = [list(model.embedding.parameters())
-              + ([] if model.chars is None else list(model.chars.parameters()))]
+    """ULMFiT's layer groups, bottom first: the embedding, each recurrent layer (both
+    directions), the output layer. The character CNN, if any, joins the output layer's
+    group: a language model has none to give, so, like the output layer, it starts fresh
+    and should train at the full rate from the first epoch, not at the embedding's."""
+    groups = [list(model.embedding.parameters())]
     stack = model.stack
     for i, layer in enumerate(stack.forward_layers):
         group = list(layer.parameters())
         if stack.backward_layers is not None:
             group += list(stack.backward_layers[i].parameters())
         groups.append(group)
-    groups.append(list(model.output.parameters()))
+    groups.append(list(model.output.parameters())
+                  + ([] if model.chars is None else list(model.chars.parameters())))
     return groups
 
 
